@@ -1,0 +1,27 @@
+# Two entry points, each doing all set-up on a fresh machine:
+#   make run    create .venv, install the app, start it (ARGS="--model tiny" etc.)
+#   make test   create .venv, install the app and test tools (Chromium too), run the tests
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+ARGS ?=
+
+.PHONY: run test
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.app-installed: requirements.txt | $(PY)
+	$(PY) -m pip install -r requirements.txt
+	touch $@
+
+$(VENV)/.test-installed: requirements.txt requirements-test.txt | $(PY)
+	$(PY) -m pip install -r requirements-test.txt
+	bash scripts/install-chromium.sh
+	touch $@ $(VENV)/.app-installed
+
+run: $(VENV)/.app-installed
+	$(PY) launch.py $(ARGS)
+
+test: $(VENV)/.test-installed
+	HF_HUB_OFFLINE=1 $(PY) -m pytest
