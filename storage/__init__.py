@@ -1,0 +1,112 @@
+"""Mipha Chat persistence: users, conversations, messages and photos.
+
+Open the data directory once per process, then do each unit of work in its
+own session::
+
+    storage = open_storage(StorageConfig(data_dir=Path("data")))
+    with storage.session() as s:
+        user = user_for_browser_secret(s, secret=secret)
+        conversation = create_conversation(s, owner_id=user.id)
+        add_user_message(s, owner_id=user.id, conversation_id=conversation.id, text="Hi")
+
+Repository functions take the session first and everything else by keyword,
+and return frozen records (never ORM rows). Every conversation and message
+function takes ``owner_id``; another user's conversation raises the same
+``ConversationNotFoundError`` as a missing one. All errors derive from
+``StorageError`` and their message is written for the person using the app.
+
+Nothing here imports torch or gradio.
+"""
+
+from storage.config import StorageConfig, StorageLimits
+from storage.conversations import (
+    DEFAULT_TITLE,
+    create_conversation,
+    delete_conversation,
+    get_conversation,
+    list_conversations,
+    rename_conversation,
+    title_from_text,
+    update_conversation_settings,
+)
+from storage.db import Storage
+from storage.errors import (
+    ConversationNotFoundError,
+    ImageNotFoundError,
+    InvalidImageError,
+    InvalidImportError,
+    InvalidInputError,
+    LimitExceededError,
+    MessageNotFoundError,
+    NotFoundError,
+    StorageError,
+)
+from storage.exporting import export_json, export_markdown
+from storage.images import get_image, image_path, save_image
+from storage.importing import import_json
+from storage.messages import (
+    add_user_message,
+    delete_messages_from,
+    list_messages,
+    start_assistant_message,
+    update_assistant_message,
+)
+from storage.records import (
+    ConversationRecord,
+    ImageRecord,
+    MessageRecord,
+    MessageStatus,
+    Role,
+    UserKind,
+    UserRecord,
+)
+from storage.startup import open_storage
+from storage.streaming import ReplyWriter
+from storage.users import get_user, user_for_browser_secret, user_for_oauth, user_for_password_login
+
+__all__ = [
+    "DEFAULT_TITLE",
+    "ConversationNotFoundError",
+    "ConversationRecord",
+    "ImageNotFoundError",
+    "ImageRecord",
+    "InvalidImageError",
+    "InvalidImportError",
+    "InvalidInputError",
+    "LimitExceededError",
+    "MessageNotFoundError",
+    "MessageRecord",
+    "MessageStatus",
+    "NotFoundError",
+    "ReplyWriter",
+    "Role",
+    "Storage",
+    "StorageConfig",
+    "StorageError",
+    "StorageLimits",
+    "UserKind",
+    "UserRecord",
+    "add_user_message",
+    "create_conversation",
+    "delete_conversation",
+    "delete_messages_from",
+    "export_json",
+    "export_markdown",
+    "get_conversation",
+    "get_image",
+    "get_user",
+    "image_path",
+    "import_json",
+    "list_conversations",
+    "list_messages",
+    "open_storage",
+    "rename_conversation",
+    "save_image",
+    "start_assistant_message",
+    "title_from_text",
+    "update_assistant_message",
+    "update_conversation_settings",
+    "user_for_browser_secret",
+    "user_for_oauth",
+    "user_for_password_login",
+]
