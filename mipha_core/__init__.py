@@ -1,0 +1,33 @@
+"""The Mipha model: loading original checkpoints, prompts, preprocessing and streaming replies.
+
+Nothing here imports a UI or a database. Typical use::
+
+    engine = load_engine("zhumj34/Mipha-3B")          # or a folder, or "tiny"
+    reply = engine.stream(messages, max_new_tokens=256)
+    for text in reply:
+        ...
+    reply.stats.finish_reason                          # "stop", "length" or "cancelled"
+"""
+
+from mipha_core.engine import Engine, PreparedPrompt
+from mipha_core.errors import (
+    ContextOverflowError,
+    ImageError,
+    ImageTooLargeError,
+    InvalidImageError,
+    InvalidMessagesError,
+    MiphaError,
+    ModelLoadError,
+    UnsupportedModelError,
+)
+from mipha_core.generation import GenerationParams, InvalidGenerationParamsError
+from mipha_core.images import load_image
+from mipha_core.loading import DEFAULT_MODEL, TINY_MODEL, load_engine
+from mipha_core.streaming import GenerationOutOfMemoryError, ReplyStats, ReplyStream
+
+__all__ = [
+    "DEFAULT_MODEL", "TINY_MODEL", "ContextOverflowError", "Engine", "GenerationOutOfMemoryError",
+    "GenerationParams", "ImageError", "ImageTooLargeError", "InvalidGenerationParamsError", "InvalidImageError",
+    "InvalidMessagesError", "MiphaError", "ModelLoadError", "PreparedPrompt", "ReplyStats", "ReplyStream",
+    "UnsupportedModelError", "load_engine", "load_image",
+]

@@ -1,0 +1,174 @@
+"""``Engine``: a loaded Mipha model that turns chat messages into inputs and streamed replies."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import PreTrainedTokenizerBase, StoppingCriteriaList
+
+from mipha_core.conversation import Turn, turns_from_messages
+from mipha_core.errors import ContextOverflowError
+from mipha_core.generation import CancelCriteria, CountingTextStreamer, GenerationParams
+from mipha_core.modeling import MiphaForConditionalGeneration
+from mipha_core.preprocessing import ImagePreprocessor
+from mipha_core.prompt import PhiPromptStyle
+from mipha_core.streaming import ReplyStream
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PreparedPrompt:
+    """Model inputs for a conversation after fitting it into the context window."""
+
+    inputs: dict[str, torch.Tensor]
+    prompt_tokens: int
+    dropped_turns: int
+    image_sent: bool
+
+
+class Engine:
+    """A loaded Mipha model, its tokenizer and preprocessor, and the conversation rules.
+
+    Conversation rules: the model sees at most ``context_length`` positions (the image takes
+    ``image_tokens``); when a conversation does not fit with room for the reply, whole turns
+    are dropped oldest first, the turn that carries the image last. Mipha was trained with one
+    image per conversation, so only the most recent image is sent, at the turn it came with;
+    earlier images stay in the history but the model no longer sees them.
+    """
+
+    def __init__(
+        self,
+        *,
+        model: MiphaForConditionalGeneration,
+        tokenizer: PreTrainedTokenizerBase,
+        preprocessor: ImagePreprocessor,
+        model_id: str,
+        context_length: int,
+        image_tokens: int,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.preprocessor = preprocessor
+        self.model_id = model_id
+        self.context_length = context_length
+        self.image_tokens = image_tokens
+        self.prompt_style = PhiPromptStyle()
+        self.end_token_id = tokenizer.convert_tokens_to_ids(self.prompt_style.stop_text)
+        self.image_token_id = model.config.image_token_id
+        vocab_rows = model.config.text_config.vocab_size
+        self.suppressed_ids = list(range(len(tokenizer), vocab_rows))
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    def encode(self, messages: Sequence[dict[str, Any]], *, max_new_tokens: int = 0) -> dict[str, torch.Tensor]:
+        """Tensors for ``model(**inputs)`` and ``model.generate(**inputs)``: ``input_ids``,
+        ``attention_mask`` and, when an image is sent, ``pixel_values``. Turns that do not fit
+        with ``max_new_tokens`` of room are dropped as described on the class."""
+        return self.prepare(messages, max_new_tokens=max_new_tokens).inputs
+
+    def prepare(self, messages: Sequence[dict[str, Any]], *, max_new_tokens: int) -> PreparedPrompt:
+        """Like ``encode`` but also says how many turns were dropped and whether the image went."""
+        turns = turns_from_messages(messages)
+        image_turn = _latest_image_turn(turns)
+        kept = list(range(len(turns)))
+        while True:
+            sent_image_turn = kept.index(image_turn) if image_turn in kept else None
+            ids = self._token_ids([turns[i] for i in kept], image_turn=sent_image_turn)
+            if len(ids) + max_new_tokens <= self.context_length:
+                break
+            kept.remove(self._turn_to_drop(kept, image_turn, len(ids), max_new_tokens))
+        return PreparedPrompt(
+            inputs=self._tensors(ids, image=turns[image_turn].image if sent_image_turn is not None else None),
+            prompt_tokens=len(ids),
+            dropped_turns=len(turns) - len(kept),
+            image_sent=sent_image_turn is not None,
+        )
+
+    def stream(
+        self,
+        messages: Sequence[dict[str, Any]],
+        *,
+        max_new_tokens: int = 512,
+        temperature: float = 0.2,
+        top_p: float = 1.0,
+        cancel: threading.Event | None = None,
+    ) -> ReplyStream:
+        """Start a reply to the last user message; iterate the result for text.
+
+        Raises ``ContextOverflowError`` here, before any generation, when the last question
+        cannot fit. See ``ReplyStream`` for cancellation and for the figures in ``stats``.
+        """
+        params = GenerationParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+        prepared = self.prepare(messages, max_new_tokens=params.max_new_tokens)
+        cancel = cancel or threading.Event()
+        config = params.to_generation_config(end_token_id=self.end_token_id, suppressed_ids=self.suppressed_ids)
+
+        def run(streamer: CountingTextStreamer) -> torch.Tensor:
+            return self.model.generate(
+                **prepared.inputs,
+                generation_config=config,
+                streamer=streamer,
+                stopping_criteria=StoppingCriteriaList([CancelCriteria(cancel)]),
+            )
+
+        return ReplyStream(
+            run=run,
+            streamer=CountingTextStreamer(self.tokenizer),
+            cancel=cancel,
+            prompt_tokens=prepared.prompt_tokens,
+            dropped_turns=prepared.dropped_turns,
+            max_new_tokens=params.max_new_tokens,
+            end_token_id=self.end_token_id,
+        )
+
+    def _turn_to_drop(self, kept: list[int], image_turn: int | None, prompt_tokens: int, room: int) -> int:
+        older = kept[:-1]
+        without_image = [index for index in older if index != image_turn]
+        if without_image:
+            return without_image[0]
+        if older:
+            return older[0]
+        raise ContextOverflowError(
+            f"the question needs {prompt_tokens} positions plus {room} for the reply, over the model's "
+            f"{self.context_length}: shorten the question or lower max new tokens"
+        )
+
+    def _token_ids(self, turns: list[Turn], *, image_turn: int | None) -> list[int]:
+        """Tokenize each side of the image on its own, as the original code does."""
+        prompt = self.prompt_style.render(turns, image_turn=image_turn)
+        ids = self.tokenizer(prompt.before, add_special_tokens=False).input_ids
+        if prompt.has_image:
+            ids += [self.image_token_id] * self.image_tokens
+            ids += self.tokenizer(prompt.after, add_special_tokens=False).input_ids
+        return ids
+
+    def _tensors(self, ids: list[int], *, image: Any) -> dict[str, torch.Tensor]:
+        input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
+        inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+        if image is not None:
+            pixels = self.preprocessor(image)
+            inputs["pixel_values"] = pixels.to(device=self.device, dtype=self._vision_dtype())
+        return inputs
+
+    def _vision_dtype(self) -> torch.dtype:
+        return self.model.model.vision_tower.embeddings.patch_embedding.weight.dtype
+
+
+def _latest_image_turn(turns: list[Turn]) -> int | None:
+    """Index of the turn that carries the most recent image."""
+    for index in range(len(turns) - 1, -1, -1):
+        if turns[index].image is not None:
+            return index
+    return None

@@ -1,0 +1,149 @@
+"""``load_engine``: find a Mipha checkpoint (Hub id, folder or "tiny") and load it."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Literal
+
+import torch
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import GatedRepoError, HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
+from safetensors import SafetensorError
+from transformers import AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerBase
+
+from mipha_core.checkpoint import KEY_MAPPING, MiphaCheckpointConfig, read_checkpoint_config
+from mipha_core.devices import choose_device, choose_dtype
+from mipha_core.engine import Engine
+from mipha_core.errors import ModelLoadError
+from mipha_core.modeling import MiphaForConditionalGeneration
+from mipha_core.preprocessing import ImagePreprocessor
+from mipha_core.tiny import ensure_tiny_checkpoint
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "zhumj34/Mipha-3B"
+TINY_MODEL = "tiny"
+TINY_FOLDER = Path("models") / "tiny-v1"
+Quantization = Literal["8bit", "4bit"]
+_DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model"]
+_NOT_QUANTIZED = ["vision_tower", "multi_modal_projector", "lm_head"]
+_WAY_OUT = "Use --model PATH for a local copy or --model tiny for the offline demo model"
+
+
+def load_engine(
+    model: str = DEFAULT_MODEL,
+    *,
+    device: str = "auto",
+    dtype: str = "auto",
+    quantization: Quantization | None = None,
+    data_dir: Path = Path("data"),
+) -> Engine:
+    """Load Mipha from a Hub id, a folder in the original format, or ``"tiny"``.
+
+    ``"tiny"`` builds a small random checkpoint once under ``data_dir`` (offline). Every
+    failure raises ``ModelLoadError`` whose message says what went wrong and what to do.
+    """
+    folder = resolve_checkpoint(model, data_dir=data_dir)
+    checkpoint = read_checkpoint_config(folder)
+    torch_device = choose_device(device)
+    torch_dtype = choose_dtype(dtype, torch_device)
+    logger.info("loading %s on %s as %s%s", model, torch_device, torch_dtype,
+                f" ({quantization})" if quantization else "")
+    tokenizer = _load_tokenizer(folder, checkpoint)
+    mipha = _load_model(folder, checkpoint, device=torch_device, dtype=torch_dtype, quantization=quantization)
+    return Engine(
+        model=mipha,
+        tokenizer=tokenizer,
+        preprocessor=ImagePreprocessor.from_checkpoint(folder, image_size=checkpoint.image_size),
+        model_id=model,
+        context_length=checkpoint.context_length,
+        image_tokens=checkpoint.image_tokens,
+    )
+
+
+def resolve_checkpoint(model: str, *, data_dir: Path) -> Path:
+    """The local folder holding ``model``: built for "tiny", downloaded for a Hub id."""
+    if model == TINY_MODEL:
+        return ensure_tiny_checkpoint(data_dir / TINY_FOLDER)
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ModelLoadError(f"{model} is a file, not a folder: point --model at the folder holding config.json")
+    if model.startswith((".", "/", "~")) or model.count("/") != 1:
+        raise ModelLoadError(f"{model} is neither an existing folder nor a Hub id like zhumj34/Mipha-3B")
+    return _download(model)
+
+
+def _download(repo_id: str) -> Path:
+    try:
+        return Path(snapshot_download(repo_id=repo_id, allow_patterns=_DOWNLOAD_PATTERNS))
+    except (RepositoryNotFoundError, GatedRepoError) as error:
+        raise ModelLoadError(f"{repo_id} was not found on the Hugging Face Hub, or needs a login: {_WAY_OUT}") from error
+    except LocalEntryNotFoundError as error:
+        raise ModelLoadError(f"could not download {repo_id}: no network and no cached copy. {_WAY_OUT}") from error
+    except HFValidationError as error:
+        raise ModelLoadError(f"{repo_id} is not a valid Hub id: {_WAY_OUT}") from error
+    except OSError as error:
+        raise ModelLoadError(f"could not download {repo_id} ({error}). {_WAY_OUT}") from error
+
+
+def _load_tokenizer(folder: Path, checkpoint: MiphaCheckpointConfig) -> PreTrainedTokenizerBase:
+    if not ((folder / "tokenizer.json").is_file() or (folder / "vocab.json").is_file()):
+        raise ModelLoadError(f"{folder} has no tokenizer (tokenizer.json or vocab.json): download the model again")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, config=checkpoint.llava)
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(f"the tokenizer in {folder} could not be read ({error}): download the model again") from error
+    if len(tokenizer) >= checkpoint.llava.text_config.vocab_size:
+        raise ModelLoadError(
+            f"the tokenizer has {len(tokenizer)} tokens but the model only {checkpoint.llava.text_config.vocab_size}: "
+            "the folder mixes files from different models"
+        )
+    return tokenizer
+
+
+def _load_model(
+    folder: Path,
+    checkpoint: MiphaCheckpointConfig,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    quantization: Quantization | None,
+) -> MiphaForConditionalGeneration:
+    if not any(folder.glob("*.safetensors")):
+        raise ModelLoadError(f"{folder} has no .safetensors weights: download the model again")
+    try:
+        model = MiphaForConditionalGeneration.from_pretrained(
+            folder,
+            config=checkpoint.llava,
+            key_mapping=KEY_MAPPING,
+            dtype=dtype,
+            device_map={"": str(device)},
+            quantization_config=_quantization_config(quantization, dtype),
+        )
+    except (torch.OutOfMemoryError, MemoryError) as error:
+        raise ModelLoadError(f"out of memory while loading the model on {device}: try --load-8bit or --load-4bit") from error
+    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+        if "out of memory" in str(error).lower():
+            raise ModelLoadError(f"out of memory while loading the model on {device}: try --load-8bit or --load-4bit") from error
+        raise ModelLoadError(f"the weights in {folder} could not be loaded ({error}): download the model again") from error
+    return model.eval()
+
+
+def _quantization_config(quantization: Quantization | None, dtype: torch.dtype) -> BitsAndBytesConfig | None:
+    """bitsandbytes for the language model; the vision tower and projector stay unquantized."""
+    if quantization is None:
+        return None
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=_NOT_QUANTIZED)
+    if quantization == "4bit":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+            llm_int8_skip_modules=_NOT_QUANTIZED,
+        )
+    raise ValueError(f"quantization must be None, '8bit' or '4bit', got {quantization!r}")
