@@ -1,0 +1,309 @@
+"""Event handlers: thin functions over storage and the engine, testable without a browser.
+
+Each handler takes plain values (what the components hold) and returns plain values or
+`gr.update(...)`s; `app.ui` wires them to components. User-facing failures are raised as
+`gr.Error` with the cause and the way out; notices that do not stop anything are
+`gr.Warning` / `gr.Info`.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+import storage as db
+from app.model_slot import ModelNotReadyError
+from app.services import Services
+from app.views import chatbot_messages, conversation_choices, model_messages
+from mipha_core import ContextOverflowError, MiphaError
+from mipha_core.images import load_image
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TEMPERATURE = 0.2
+DEFAULT_TOP_P = 1.0
+DEFAULT_MAX_NEW_TOKENS = 512
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """What the accordion holds; stored with each conversation."""
+
+    temperature: float = DEFAULT_TEMPERATURE
+    top_p: float = DEFAULT_TOP_P
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+
+    @classmethod
+    def from_stored(cls, stored: dict[str, Any], *, max_new_tokens: int) -> GenerationSettings:
+        try:
+            return cls(
+                temperature=min(max(float(stored.get("temperature", DEFAULT_TEMPERATURE)), 0.0), 2.0),
+                top_p=min(max(float(stored.get("top_p", DEFAULT_TOP_P)), 0.05), 1.0),
+                max_new_tokens=min(int(stored.get("max_new_tokens", max_new_tokens)), max_new_tokens),
+            )
+        except (TypeError, ValueError):
+            return cls(max_new_tokens=max_new_tokens)
+
+    def as_dict(self) -> dict[str, float | int]:
+        return {"temperature": self.temperature, "top_p": self.top_p, "max_new_tokens": self.max_new_tokens}
+
+
+class Handlers:
+    """All event handlers of one app, bound to its `Services`."""
+
+    def __init__(self, services: Services) -> None:
+        self.services = services
+        self.storage = services.storage
+        self.settings = services.settings
+
+    # --- identity --------------------------------------------------------------------------
+
+    def identify(self, secret: str | None, *, username: str | None = None, oauth_username: str | None = None
+                 ) -> tuple[str, int]:
+        """The browser secret to keep and the owner id: login name first, then OAuth, then browser."""
+        if not isinstance(secret, str) or len(secret) < 32:
+            secret = secrets.token_urlsafe(32)
+        with self.storage.session() as s:
+            if username:
+                user = db.user_for_password_login(s, username=username)
+            elif oauth_username:
+                user = db.user_for_oauth(s, username=oauth_username)
+            else:
+                user = db.user_for_browser_secret(s, secret=secret)
+        return secret, user.id
+
+    # --- sidebar ---------------------------------------------------------------------------
+
+    def conversation_list(self, owner_id: int | None, query: str = "", *, selected: str | None = None
+                          ) -> dict[str, Any]:
+        if owner_id is None:
+            return gr.update(choices=[], value=None)
+        with self.storage.session() as s:
+            conversations = db.list_conversations(s, owner_id=owner_id, query=query.strip() or None)
+        return gr.update(choices=conversation_choices(conversations), value=selected)
+
+    def open_conversation(self, conversation_id: str | None, owner_id: int | None
+                          ) -> tuple[str | None, list[dict], float, float, int, str]:
+        """Selected in the sidebar: its id, messages, generation settings and title."""
+        if not conversation_id or owner_id is None:
+            return self.new_chat()
+        with _user_errors(), self.storage.session() as s:
+            conversation = db.get_conversation(s, owner_id=owner_id, conversation_id=conversation_id)
+            records = db.list_messages(s, owner_id=owner_id, conversation_id=conversation_id)
+        params = GenerationSettings.from_stored(conversation.settings, max_new_tokens=self.settings.max_new_tokens)
+        return (conversation.id, self.show(records), params.temperature, params.top_p, params.max_new_tokens,
+                conversation.title)
+
+    def new_chat(self) -> tuple[None, list[dict], float, float, int, str]:
+        """Back to an empty chat; the conversation is created by its first message."""
+        params = GenerationSettings(max_new_tokens=min(DEFAULT_MAX_NEW_TOKENS, self.settings.max_new_tokens))
+        return None, [], params.temperature, params.top_p, params.max_new_tokens, ""
+
+    def rename(self, conversation_id: str | None, owner_id: int | None, title: str) -> None:
+        if not conversation_id or owner_id is None:
+            raise gr.Error("Open a conversation first, then rename it.")
+        with _user_errors(), self.storage.session() as s:
+            db.rename_conversation(s, owner_id=owner_id, conversation_id=conversation_id, title=title)
+
+    def delete(self, conversation_id: str | None, owner_id: int | None) -> None:
+        if not conversation_id or owner_id is None:
+            raise gr.Error("Open a conversation first, then delete it.")
+        self.services.cancels.cancel(owner_id, conversation_id)
+        with _user_errors(), self.storage.session() as s:
+            db.delete_conversation(s, owner_id=owner_id, conversation_id=conversation_id)
+
+    def remember_settings(self, conversation_id: str | None, owner_id: int | None,
+                          temperature: float, top_p: float, max_new_tokens: int) -> None:
+        if not conversation_id or owner_id is None:
+            return
+        params = GenerationSettings(float(temperature), float(top_p), int(max_new_tokens))
+        with _user_errors(), self.storage.session() as s:
+            db.update_conversation_settings(s, owner_id=owner_id, conversation_id=conversation_id,
+                                            settings=params.as_dict())
+
+    # --- chat ------------------------------------------------------------------------------
+
+    def submit(self, message: dict | None, conversation_id: str | None, owner_id: int | None,
+               temperature: float, top_p: float, max_new_tokens: int) -> tuple[str, list[dict]]:
+        """Check and store the question (and photo); the reply streams in `reply`.
+
+        Raises `gr.Error` (the text stays in the box) for an empty or too-long message, a file
+        that is not a usable image, or a model that is not ready.
+        """
+        if owner_id is None:
+            raise gr.Error("The page is still starting; try again in a second.")
+        text, files = _message_parts(message)
+        if not text.strip() and not files:
+            raise gr.Error("Type a question or add a photo first.")
+        if len(text) > self.settings.max_message_chars:
+            raise gr.Error(f"Your message has {len(text)} characters; the limit is "
+                           f"{self.settings.max_message_chars}. Shorten it or split it into several messages.")
+        if len(files) > 1:
+            raise gr.Error("Add one photo per message: the model looks at one image at a time.")
+        self._model_or_error()
+        image = self._save_upload(Path(files[0])) if files else None
+        params = GenerationSettings(float(temperature), float(top_p), int(max_new_tokens))
+        with _user_errors(), self.storage.session() as s:
+            if conversation_id is None:
+                conversation = db.create_conversation(
+                    s, owner_id=owner_id, model_id=self.services.model.status().model, settings=params.as_dict())
+                conversation_id = conversation.id
+            else:
+                db.update_conversation_settings(s, owner_id=owner_id, conversation_id=conversation_id,
+                                                settings=params.as_dict())
+            earlier = db.list_messages(s, owner_id=owner_id, conversation_id=conversation_id)
+            db.add_user_message(s, owner_id=owner_id, conversation_id=conversation_id, text=text,
+                                image_sha256=image.sha256 if image else None)
+            records = db.list_messages(s, owner_id=owner_id, conversation_id=conversation_id)
+        if image is not None and any(r.image_sha256 for r in earlier):
+            gr.Info("The model now looks at this photo. Earlier photos stay in the chat, but it no longer sees them.")
+        self.services.cancels.new(owner_id, conversation_id)
+        return conversation_id, self.show(records)
+
+    def prepare_regenerate(self, conversation_id: str | None, owner_id: int | None) -> list[dict]:
+        """Remove the last reply so that `reply` writes a new one."""
+        if not conversation_id or owner_id is None:
+            raise gr.Error("There is no reply to regenerate yet: ask a question first.")
+        self._model_or_error()
+        with _user_errors(), self.storage.session() as s:
+            records = db.list_messages(s, owner_id=owner_id, conversation_id=conversation_id)
+            last_question = max((r.position for r in records if r.role is db.Role.USER), default=None)
+            if last_question is None:
+                raise gr.Error("There is no question to answer again in this conversation.")
+            db.delete_messages_from(s, owner_id=owner_id, conversation_id=conversation_id,
+                                    position=last_question + 1)
+            records = db.list_messages(s, owner_id=owner_id, conversation_id=conversation_id)
+        self.services.cancels.new(owner_id, conversation_id)
+        return self.show(records)
+
+    def reply(self, conversation_id: str | None, owner_id: int | None,
+              temperature: float, top_p: float, max_new_tokens: int) -> Iterator[list[dict]]:
+        """Stream the answer to the conversation's last question, persisting it as it grows.
+
+        Stop sets this conversation's cancel event; closing the tab closes this generator,
+        whose `finally` sets it too, so the model is freed for the next user either way.
+        """
+        if not conversation_id or owner_id is None:
+            return
+        engine = self._model_or_error()
+        cancel = self.services.cancels.get(owner_id, conversation_id)
+        try:
+            with self.storage.session() as s:
+                records = db.list_messages(s, owner_id=owner_id, conversation_id=conversation_id)
+            if not records or records[-1].role is not db.Role.USER:
+                return
+            messages = model_messages(records, load_image=self._load_image)
+            params = GenerationSettings(float(temperature), float(top_p), int(max_new_tokens))
+            shown = self.show(records)
+            yield from self._stream_into_storage(engine, messages, params, cancel, records, shown,
+                                                 conversation_id=conversation_id, owner_id=owner_id)
+        finally:
+            cancel.set()
+            self.services.cancels.release(owner_id, conversation_id, cancel)
+
+    def _stream_into_storage(self, engine, messages, params: GenerationSettings, cancel: threading.Event,
+                             records, shown: list[dict], *, conversation_id: str, owner_id: int
+                             ) -> Iterator[list[dict]]:
+        try:
+            stream = engine.stream(messages, max_new_tokens=params.max_new_tokens, temperature=params.temperature,
+                                   top_p=params.top_p, cancel=cancel)
+        except ContextOverflowError as e:
+            with self.storage.session() as s:  # the unanswerable question goes; its text is in the error
+                db.delete_messages_from(s, owner_id=owner_id, conversation_id=conversation_id,
+                                        position=records[-1].position)
+            raise gr.Error(f"{e} Your message was: {records[-1].text[:200]!r}") from e
+        if stream.dropped_turns:
+            gr.Warning(f"This conversation is longer than the model's memory: the {stream.dropped_turns} oldest "
+                       "turns are no longer seen by the model. Start a new chat for a fresh context.")
+        with db.ReplyWriter.start(self.storage, owner_id=owner_id, conversation_id=conversation_id) as writer:
+            try:
+                for chunk in stream:
+                    writer.append(chunk)
+                    yield shown + chatbot_messages([_growing(writer.message, writer.text)], image_file=self._image_file)
+            except MiphaError as e:  # e.g. out of memory on the device: keep what came, say why
+                writer.finish(status=db.MessageStatus.ERROR, finish_reason="error")
+                gr.Warning(f"{e}")
+            except db.LimitExceededError as e:
+                cancel.set()
+                writer.finish(status=db.MessageStatus.COMPLETE, finish_reason="length")
+                gr.Warning(str(e))
+            else:
+                stats = stream.stats
+                status = db.MessageStatus.CANCELLED if stats.finish_reason == "cancelled" else db.MessageStatus.COMPLETE
+                writer.finish(status=status, finish_reason=stats.finish_reason, prompt_tokens=stats.prompt_tokens,
+                              completion_tokens=stats.completion_tokens)
+        yield shown + chatbot_messages([writer.message], image_file=self._image_file)
+
+    def stop(self, conversation_id: str | None, owner_id: int | None) -> None:
+        """Stop this conversation's reply within a token; the partial text is kept and marked."""
+        if conversation_id and owner_id is not None:
+            self.services.cancels.cancel(owner_id, conversation_id)
+
+    # --- helpers ---------------------------------------------------------------------------
+
+    def show(self, records) -> list[dict]:
+        return chatbot_messages(records, image_file=self._image_file)
+
+    def _image_file(self, sha256: str) -> Path | None:
+        try:
+            return db.image_path(self.storage, sha256)
+        except db.ImageNotFoundError:
+            return None
+
+    def _load_image(self, sha256: str):
+        return load_image(db.image_path(self.storage, sha256))
+
+    def _model_or_error(self):
+        try:
+            return self.services.model.engine()
+        except ModelNotReadyError as e:
+            raise gr.Error(str(e)) from e
+
+    def _save_upload(self, path: Path) -> db.ImageRecord:
+        limit = self.storage.limits.max_image_bytes
+        try:
+            size = path.stat().st_size
+        except OSError as e:
+            raise gr.Error("The upload did not arrive completely; add the photo again.") from e
+        if size > limit:
+            raise gr.Error(f"{path.name} is {size / 1e6:.1f} MB; the limit is {limit / 1e6:.0f} MB. "
+                           "Use a smaller or more compressed photo.")
+        try:
+            return db.save_image(self.storage, path.read_bytes())
+        except db.InvalidImageError as e:
+            raise gr.Error(f"{path.name} is not a photo this app can read: {e}") from e
+        except db.StorageError as e:
+            raise gr.Error(str(e)) from e
+
+
+def _growing(message: db.MessageRecord, text: str) -> db.MessageRecord:
+    """The reply being written, with the text received so far (the stored copy lags by design)."""
+    return replace(message, text=text, status=db.MessageStatus.PARTIAL)
+
+
+def _message_parts(message: dict | str | None) -> tuple[str, list[str]]:
+    if message is None:
+        return "", []
+    if isinstance(message, str):
+        return message, []
+    files = [f if isinstance(f, str) else f.get("path", "") for f in message.get("files") or []]
+    return message.get("text") or "", [f for f in files if f]
+
+
+class _user_errors:
+    """Turn storage's user-facing errors into `gr.Error` (their messages are written for users)."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc is not None and isinstance(exc, db.StorageError):
+            raise gr.Error(str(exc)) from exc
+        return False

@@ -1,0 +1,92 @@
+"""The one settings object the app runs with.
+
+`launch.py` builds it from flags and environment variables and passes it down; nothing in
+`app/` reads `sys.argv` or `os.environ` for these values.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+Quantization = Literal["8bit", "4bit"]
+
+LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+@dataclass(frozen=True)
+class Credential:
+    """One `--auth USER:PASS` pair. The password is kept out of `repr` so it never reaches a log."""
+
+    username: str
+    password: str = field(repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.username or not self.password:
+            raise ValueError(f"auth needs USER:PASS with both parts non-empty, got user {self.username!r}")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything `launch.py` decides: model, server, exposure, storage and generation limits."""
+
+    model: str = "zhumj34/Mipha-3B"
+    device: str = "auto"
+    dtype: str = "auto"
+    quantization: Quantization | None = None
+    host: str = "127.0.0.1"
+    port: int = 7860
+    share: bool = False
+    auth: tuple[Credential, ...] = ()
+    data_dir: Path = Path("data")
+    database_url: str | None = None
+    max_new_tokens: int = 512
+    concurrency: int = 1
+    max_message_chars: int = 4000
+    max_upload_mb: int = 20
+    on_space: bool = False
+    oauth_enabled: bool = False
+    """A Space with `hf_oauth: true`: show a Hugging Face login; the account then owns the chats."""
+    zero_gpu: bool = False
+
+    def __post_init__(self) -> None:
+        if self.quantization not in (None, "8bit", "4bit"):
+            raise ValueError(f"quantization must be None, '8bit' or '4bit', got {self.quantization!r}")
+        if not 1 <= self.port <= 65535:
+            raise ValueError(f"port must be in [1, 65535], got {self.port}")
+        if not 1 <= self.max_new_tokens <= 2048:
+            raise ValueError(f"max_new_tokens must be in [1, 2048], got {self.max_new_tokens}")
+        if self.concurrency < 1:
+            raise ValueError(f"concurrency must be at least 1, got {self.concurrency}")
+        if self.max_message_chars < 1:
+            raise ValueError(f"max_message_chars must be at least 1, got {self.max_message_chars}")
+
+    @property
+    def images_dir(self) -> Path:
+        return self.data_dir / "images"
+
+    @property
+    def is_local_only(self) -> bool:
+        """True when only this machine can reach the server (loopback host and no share link)."""
+        if self.share:
+            return False
+        if self.host in LOCAL_HOSTS:
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+    @property
+    def exposure_warning(self) -> str | None:
+        """The warning to print when strangers can reach the model without logging in."""
+        if self.auth or self.is_local_only:
+            return None
+        where = "a public share link" if self.share else f"host {self.host}"
+        return (
+            f"Mipha Chat is reachable through {where} without --auth: anyone with the address can "
+            "use the model on this machine. Their conversations stay private to their own browser. "
+            "Add --auth USER:PASS (or --auth-file) to require a login."
+        )

@@ -1,0 +1,200 @@
+"""Start Mipha Chat: flags and environment become one `Settings`, which is passed down.
+
+    python launch.py                      # Mipha-3B from the Hub, http://127.0.0.1:7860
+    python launch.py --model tiny         # small random model built offline, to try the interface
+    python launch.py --help               # every option and its environment variable
+
+This is the only module that wires things together; importing it starts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from app.settings import Credential, Settings
+
+log = logging.getLogger("launch")
+
+ENV_PREFIX = "MIPHA_"
+TRUE_WORDS = {"1", "true", "yes", "on"}
+FALSE_WORDS = {"0", "false", "no", "off", ""}
+
+
+def _env_bool(environ: Mapping[str, str], name: str) -> bool:
+    value = environ.get(name, "").strip().lower()
+    if value in TRUE_WORDS:
+        return True
+    if value in FALSE_WORDS:
+        return False
+    raise SystemExit(f"{name} must be one of {sorted(TRUE_WORDS | FALSE_WORDS - {''})}, got {value!r}")
+
+
+def default_data_dir(environ: Mapping[str, str]) -> Path:
+    """./data, or /data on a Hugging Face Space that has persistent storage mounted."""
+    persistent = Path("/data")
+    if environ.get("SPACE_ID") and persistent.is_dir() and os.access(persistent, os.W_OK):
+        return persistent
+    return Path("data")
+
+
+def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
+    """The command line; each default comes from the MIPHA_* variable named in its help."""
+    env = environ.get
+    on_space = bool(env("SPACE_ID"))
+    parser = argparse.ArgumentParser(
+        prog="launch.py",
+        description="Mipha Chat: chat about your photos with Mipha-3B in the browser.",
+        epilog="Every option can also be set by the environment variable named in its help; "
+        "a flag on the command line wins over the variable.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", default=env("MIPHA_MODEL", "zhumj34/Mipha-3B"),
+                       help="Hub id or local folder of a Mipha-3B checkpoint; 'tiny' builds a small random "
+                       "model offline to try the interface [MIPHA_MODEL]")
+    model.add_argument("--device", default=env("MIPHA_DEVICE", "auto"),
+                       help="'auto' (cuda, then mps, then cpu), 'cpu', 'cuda', 'cuda:1', 'mps' [MIPHA_DEVICE]")
+    model.add_argument("--dtype", default=env("MIPHA_DTYPE", "auto"), choices=["auto", "float32", "bfloat16", "float16"],
+                       help="weights precision; 'auto' picks bf16/fp16 on GPUs and fp32 on CPU [MIPHA_DTYPE]")
+    quant = model.add_mutually_exclusive_group()
+    quant.add_argument("--load-8bit", action="store_true", default=_env_bool(environ, "MIPHA_LOAD_8BIT"),
+                       help="load weights in 8-bit through bitsandbytes (about half the memory) [MIPHA_LOAD_8BIT]")
+    quant.add_argument("--load-4bit", action="store_true", default=_env_bool(environ, "MIPHA_LOAD_4BIT"),
+                       help="load weights in 4-bit through bitsandbytes (about a quarter) [MIPHA_LOAD_4BIT]")
+    model.add_argument("--max-new-tokens", type=int, default=int(env("MIPHA_MAX_NEW_TOKENS", "512")),
+                       help="upper bound of the reply length a user can choose [MIPHA_MAX_NEW_TOKENS]")
+
+    server = parser.add_argument_group("server")
+    server.add_argument("--host", default=env("MIPHA_HOST", env("GRADIO_SERVER_NAME", "0.0.0.0" if on_space else "127.0.0.1")),
+                        help="address to listen on; anything but 127.0.0.1 exposes the app to your network [MIPHA_HOST]")
+    server.add_argument("--port", type=int, default=int(env("MIPHA_PORT", env("GRADIO_SERVER_PORT", "7860"))),
+                        help="port to listen on [MIPHA_PORT]")
+    server.add_argument("--share", action="store_true", default=_env_bool(environ, "MIPHA_SHARE"),
+                        help="also publish a temporary public gradio.live link [MIPHA_SHARE]")
+    server.add_argument("--concurrency", type=int, default=int(env("MIPHA_CONCURRENCY", "1")),
+                        help="replies generated at the same time; others wait in the queue and see their "
+                        "position [MIPHA_CONCURRENCY]")
+
+    access = parser.add_argument_group("access")
+    access.add_argument("--auth", action="append", metavar="USER:PASS", default=None,
+                        help="require a login; repeat for several users. Conversations belong to the user "
+                        "[MIPHA_AUTH: space-separated USER:PASS pairs]")
+    access.add_argument("--auth-file", type=Path, default=env("MIPHA_AUTH_FILE"),
+                        help="file with one USER:PASS per line ('#' starts a comment) [MIPHA_AUTH_FILE]")
+
+    data = parser.add_argument_group("data")
+    data.add_argument("--data-dir", type=Path, default=Path(env("MIPHA_DATA_DIR") or default_data_dir(environ)),
+                      help="where the conversation database, photos and the tiny model live; /data on a "
+                      "Space with persistent storage [MIPHA_DATA_DIR]")
+    data.add_argument("--database-url", default=env("MIPHA_DATABASE_URL"),
+                      help="SQLAlchemy URL of the database; default: SQLite file in the data dir "
+                      "[MIPHA_DATABASE_URL]")
+    data.add_argument("--log-level", default=env("MIPHA_LOG_LEVEL", "INFO"),
+                      choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="terminal log detail [MIPHA_LOG_LEVEL]")
+    return parser
+
+
+def parse_credentials(pairs: Sequence[str], *, source: str) -> tuple[Credential, ...]:
+    """`USER:PASS` strings to credentials; the password may itself contain ':'."""
+    credentials = []
+    for pair in pairs:
+        username, sep, password = pair.partition(":")
+        if not sep:
+            raise SystemExit(f"{source}: expected USER:PASS, got {username!r} without ':'")
+        credentials.append(Credential(username=username.strip(), password=password))
+    return tuple(credentials)
+
+
+def read_auth_file(path: Path) -> list[str]:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise SystemExit(f"--auth-file {path}: cannot read it ({e.strerror})") from e
+    return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
+def settings_from_args(argv: Sequence[str] | None, environ: Mapping[str, str]) -> tuple[Settings, str]:
+    """Parse flags over environment into `Settings`; also returns the log level."""
+    parser = build_parser(environ)
+    args = parser.parse_args(argv)
+    auth = parse_credentials(args.auth if args.auth is not None else environ.get("MIPHA_AUTH", "").split(),
+                             source="--auth")
+    if args.auth_file is not None:
+        auth += parse_credentials(read_auth_file(args.auth_file), source=str(args.auth_file))
+    quantization = "8bit" if args.load_8bit else "4bit" if args.load_4bit else None
+    if args.load_8bit and args.load_4bit:
+        parser.error("choose one of --load-8bit and --load-4bit")
+    try:
+        settings = Settings(
+            model=args.model, device=args.device, dtype=args.dtype, quantization=quantization,
+            host=args.host, port=args.port, share=args.share, auth=auth,
+            data_dir=args.data_dir, database_url=args.database_url,
+            max_new_tokens=args.max_new_tokens, concurrency=args.concurrency,
+            on_space=bool(environ.get("SPACE_ID")),
+            oauth_enabled=bool(environ.get("SPACE_ID") and environ.get("OAUTH_CLIENT_ID")),
+            zero_gpu=environ.get("SPACES_ZERO_GPU", "").lower() in TRUE_WORDS,
+        )
+    except ValueError as e:
+        parser.error(str(e))
+    return settings, args.log_level
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "httpcore", "urllib3", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def open_services(settings: Settings):
+    """Storage opened, the model loading on a background thread: the page can come up now."""
+    from app.model_slot import ModelSlot
+    from app.services import Services, browser_state_key
+    from mipha_core import load_engine
+    from storage import StorageConfig, open_storage
+
+    storage = open_storage(StorageConfig(data_dir=settings.data_dir, database_url=settings.database_url))
+    model = ModelSlot(settings.model)
+    model.load_in_background(lambda: load_engine(
+        settings.model, device=settings.device, dtype=settings.dtype, quantization=settings.quantization,
+        data_dir=settings.data_dir))
+    return Services(settings=settings, storage=storage, model=model,
+                    browser_state_key=browser_state_key(settings.data_dir))
+
+
+def launch_options(settings: Settings) -> dict:
+    """Keyword arguments for `gr.Blocks.launch`."""
+    from app.ui import CSS
+
+    return {
+        "server_name": settings.host,
+        "server_port": settings.port,
+        "share": settings.share,
+        "auth": [(c.username, c.password) for c in settings.auth] or None,
+        "auth_message": "Mipha Chat: sign in with the user name and password you were given.",
+        "allowed_paths": [str(settings.images_dir.resolve())],  # the photos only, never the database
+        "max_file_size": f"{settings.max_upload_mb}mb",
+        "css": CSS,
+        "show_error": True,
+        "footer_links": ["gradio", "settings"],
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    settings, log_level = settings_from_args(argv, os.environ)
+    configure_logging(log_level)
+    if settings.exposure_warning:
+        log.warning(settings.exposure_warning)
+    from app.ui import build_app  # gradio, torch and the database load only once the flags are valid
+
+    services = open_services(settings)
+    log.info("Data directory: %s", settings.data_dir.resolve())
+    build_app(services).launch(**launch_options(settings))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
