@@ -45,9 +45,10 @@ logger = logging.getLogger(__name__)
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _EXTENSIONS = {"JPEG": "jpg", "PNG": "png"}
 # Formats we decode. A short list on purpose: each decoder is attack surface.
-# MPO is how Pillow opens many phone JPEGs; HEIF comes from pillow-heif.
-_ACCEPTED_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "HEIF", "AVIF")
+# HEIF comes from pillow-heif; AVIF only where this Pillow build has it.
+_ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "HEIF", "AVIF")
 # Sources that were lossy stay JPEG; everything else becomes lossless PNG.
+# (The JPEG opener reports multi-picture phone photos as "MPO".)
 _LOSSY_SOURCES = {"JPEG", "MPO", "HEIF", "AVIF"}
 JPEG_QUALITY = 92
 
@@ -64,10 +65,13 @@ class PreparedImage:
 
 
 @functools.cache
-def _register_heif() -> None:
+def _decoders() -> tuple[str, ...]:
+    """Register the HEIF opener once and return the accepted formats Pillow can open."""
     from pillow_heif import register_heif_opener
 
     register_heif_opener()
+    PILImage.init()
+    return tuple(name for name in _ACCEPTED_FORMATS if name in PILImage.OPEN)
 
 
 def prepare_image(data: bytes, *, limits: StorageLimits) -> PreparedImage:
@@ -80,12 +84,12 @@ def prepare_image(data: bytes, *, limits: StorageLimits) -> PreparedImage:
             limit=limits.max_image_bytes,
             actual=len(data),
         )
-    _register_heif()
+    formats = _decoders()
     try:
         with warnings.catch_warnings():
             # Our own pixel limit (below, before decoding) is the one that matters.
             warnings.simplefilter("ignore", PILImage.DecompressionBombWarning)
-            with PILImage.open(io.BytesIO(data), formats=_ACCEPTED_FORMATS) as source:
+            with PILImage.open(io.BytesIO(data), formats=formats) as source:
                 _check_pixels(source.size, limits=limits)
                 source_format = source.format or ""
                 image = ImageOps.exif_transpose(source)  # decodes; returns a new image

@@ -1,0 +1,162 @@
+"""Images: cleaned of metadata, upright, content-addressed, released when unused."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from storage_fixtures import data_dir, jpeg_bytes, make_conversation, make_user, png_bytes, storage  # noqa: F401
+
+import storage as st
+
+ORIENTATION, MAKE, GPS_IFD = 0x0112, 0x010F, 0x8825
+
+
+def phone_photo(*, latitude: float = 52.37) -> bytes:
+    """A 40x20 JPEG, left half red and right half blue, that must be rotated 90° clockwise
+    (EXIF orientation 6) and carries a camera make and a GPS position."""
+    image = Image.new("RGB", (40, 20), "blue")
+    image.paste((255, 0, 0), (0, 0, 20, 20))
+    exif = Image.Exif()
+    exif[ORIENTATION] = 6
+    exif[MAKE] = "SecretCam"
+    gps = exif.get_ifd(GPS_IFD)
+    gps.update({1: "N", 2: (latitude, 0.0, 0.0), 3: "E", 4: (4.9, 0.0, 0.0)})
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", exif=exif, quality=95)
+    data = buffer.getvalue()
+    assert Image.open(io.BytesIO(data)).getexif().get_ifd(GPS_IFD)  # the input really has GPS
+    return data
+
+
+def attach(storage: st.Storage, user: st.UserRecord, conversation: st.ConversationRecord, sha256: str) -> None:
+    with storage.session() as session:
+        st.add_user_message(session, owner_id=user.id, conversation_id=conversation.id, text="", image_sha256=sha256)
+
+
+def test_exif_orientation_is_applied_and_all_metadata_removed(storage: st.Storage) -> None:
+    record = st.save_image(storage, phone_photo())
+    stored = st.image_path(storage, record.sha256).read_bytes()
+    with Image.open(io.BytesIO(stored)) as image:
+        assert (record.width, record.height, record.format) == (20, 40, "JPEG")
+        assert image.size == (20, 40)
+        red, blue = image.convert("RGB").getpixel((10, 5)), image.convert("RGB").getpixel((10, 35))
+        assert red[0] > 200 and red[2] < 60 and blue[2] > 200 and blue[0] < 60  # turned upright
+        assert not image.getexif() and "exif" not in image.info and "xmp" not in image.info
+    assert b"Exif" not in stored and b"SecretCam" not in stored
+    assert record.size_bytes == len(stored)
+
+
+def test_the_same_photo_is_stored_once(storage: st.Storage) -> None:
+    first = st.save_image(storage, phone_photo(latitude=52.0))
+    second = st.save_image(storage, phone_photo(latitude=48.8))  # same pixels, other metadata
+    other = st.save_image(storage, png_bytes())
+    assert first == second and other.sha256 != first.sha256 and other.format == "PNG"
+    files = sorted(p for p in storage.images_dir.rglob("*") if p.is_file())
+    assert [p.stem for p in files] == sorted([first.sha256, other.sha256])
+    assert not list(storage.images_dir.rglob(".tmp-*"))
+
+
+def test_deleting_a_conversation_releases_images_no_one_else_uses(storage: st.Storage) -> None:
+    user = make_user(storage, "ana")
+    shared, alone = st.save_image(storage, jpeg_bytes(color="green")), st.save_image(storage, png_bytes())
+    first, second = make_conversation(storage, user), make_conversation(storage, user)
+    attach(storage, user, first, shared.sha256)
+    attach(storage, user, first, alone.sha256)
+    attach(storage, user, second, shared.sha256)
+    with storage.session() as session:
+        st.delete_conversation(session, owner_id=user.id, conversation_id=first.id)
+    assert st.image_path(storage, shared.sha256).is_file()
+    with pytest.raises(st.ImageNotFoundError):
+        st.image_path(storage, alone.sha256)
+    with storage.session() as session:
+        st.delete_messages_from(session, owner_id=user.id, conversation_id=second.id, position=0)
+    with pytest.raises(st.ImageNotFoundError):
+        st.image_path(storage, shared.sha256)
+
+
+def test_a_rolled_back_delete_keeps_the_files(storage: st.Storage) -> None:
+    user = make_user(storage, "ana")
+    image = st.save_image(storage, png_bytes())
+    conversation = make_conversation(storage, user)
+    attach(storage, user, conversation, image.sha256)
+    with pytest.raises(RuntimeError), storage.session() as session:
+        st.delete_conversation(session, owner_id=user.id, conversation_id=conversation.id)
+        raise RuntimeError("changed my mind")
+    assert st.image_path(storage, image.sha256).is_file()
+    with storage.session() as session:
+        assert st.get_image(session, sha256=image.sha256) == image
+
+
+def test_startup_removes_unattached_images_and_stray_files(data_dir: Path) -> None:
+    config = st.StorageConfig(data_dir=data_dir)
+    opened = st.open_storage(config)
+    user = make_user(opened, "ana")
+    kept, orphan = st.save_image(opened, png_bytes()), st.save_image(opened, jpeg_bytes())
+    attach(opened, user, make_conversation(opened, user), kept.sha256)
+    stray = data_dir / "images" / "ab" / ".tmp-crashed.part"
+    stray.parent.mkdir(exist_ok=True)
+    stray.write_bytes(b"half a photo")
+    opened.close()
+    reopened = st.open_storage(config)
+    assert st.image_path(reopened, kept.sha256).is_file()
+    with pytest.raises(st.ImageNotFoundError):
+        st.image_path(reopened, orphan.sha256)
+    assert not stray.exists()
+    reopened.close()
+
+
+@pytest.mark.parametrize("name", ["../../etc/passwd", "A" * 64, "0" * 63, "", "0" * 64 + "/.."])
+def test_image_path_accepts_only_sha256_names(storage: st.Storage, name: str) -> None:
+    with pytest.raises(st.ImageNotFoundError):
+        st.image_path(storage, name)
+
+
+def test_image_limits(data_dir: Path) -> None:
+    limits = st.StorageLimits(max_image_bytes=50_000, max_image_pixels=10_000)
+    opened = st.open_storage(st.StorageConfig(data_dir=data_dir, limits=limits))
+    with pytest.raises(st.LimitExceededError, match="MB") as too_big:
+        st.save_image(opened, b"\xff" * 50_001)
+    assert too_big.value.limit_name == "max_image_bytes"
+    with pytest.raises(st.LimitExceededError, match="pixels") as too_many:
+        st.save_image(opened, png_bytes(size=(101, 100)))
+    assert (too_many.value.limit_name, too_many.value.actual) == ("max_image_pixels", 10_100)
+    st.save_image(opened, png_bytes(size=(100, 100)))
+    opened.close()
+
+
+def test_decompression_bomb_is_refused_before_decoding(storage: st.Storage) -> None:
+    # An 8000x8000 PNG of one colour is ~10 KB on disk but 64 MP (192 MB as RGB) decoded.
+    buffer = io.BytesIO()
+    Image.new("1", (8_000, 8_000)).save(buffer, "PNG")
+    assert len(buffer.getvalue()) < 100_000
+    with pytest.raises(st.LimitExceededError) as error:
+        st.save_image(storage, buffer.getvalue())
+    assert error.value.limit_name == "max_image_pixels"
+
+
+@pytest.mark.parametrize("data", [b"", b"not an image at all", jpeg_bytes()[:200], b"%PDF-1.7\n"])
+def test_non_images_and_truncated_files_are_refused(storage: st.Storage, data: bytes) -> None:
+    with pytest.raises(st.InvalidImageError, match="could not be read as a photo"):
+        st.save_image(storage, data)
+    assert not [p for p in storage.images_dir.rglob("*") if p.is_file()]
+
+
+def test_rgba_png_stays_lossless_png(storage: st.Storage) -> None:
+    buffer = io.BytesIO()
+    Image.new("RGBA", (8, 8), (10, 20, 30, 128)).save(buffer, "PNG")
+    record = st.save_image(storage, buffer.getvalue())
+    with Image.open(st.image_path(storage, record.sha256)) as image:
+        assert (record.format, image.mode, image.getpixel((0, 0))) == ("PNG", "RGBA", (10, 20, 30, 128))
+
+
+def test_heic_uploads_are_stored_as_jpeg(storage: st.Storage) -> None:
+    from pillow_heif import register_heif_opener
+
+    register_heif_opener()
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 12), "red").save(buffer, "HEIF")
+    record = st.save_image(storage, buffer.getvalue())
+    assert (record.format, record.width, record.height, record.mime_type) == ("JPEG", 16, 12, "image/jpeg")
