@@ -1,0 +1,192 @@
+"""Export to Markdown and JSON, import back, and refusal of malformed or hostile files."""
+
+from __future__ import annotations
+
+import base64
+import copy
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+from storage_fixtures import data_dir, jpeg_bytes, make_conversation, make_user, png_bytes, storage  # noqa: F401
+
+import storage as st
+
+
+@pytest.fixture
+def exported(storage: st.Storage) -> tuple[st.UserRecord, st.ConversationRecord, dict[str, Any]]:
+    user = make_user(storage, "ana")
+    conversation = make_conversation(storage, user, model_id="zhumj34/Mipha-3B", settings={"temperature": 0.2})
+    photo = st.save_image(storage, jpeg_bytes(color="orange"))
+    with storage.session() as session:
+        st.add_user_message(
+            session, owner_id=user.id, conversation_id=conversation.id, text="What is this?", image_sha256=photo.sha256
+        )
+    with st.ReplyWriter.start(storage, owner_id=user.id, conversation_id=conversation.id) as writer:
+        writer.append("An orange square.")
+        writer.finish(finish_reason="stop", prompt_tokens=12, completion_tokens=4)
+    with storage.session() as session:
+        text = st.export_json(session, storage=storage, owner_id=user.id, conversation_id=conversation.id)
+        conversation = st.get_conversation(session, owner_id=user.id, conversation_id=conversation.id)
+    return user, conversation, json.loads(text)
+
+
+def snapshot(storage: st.Storage) -> tuple[int, int, list[str]]:
+    """What an import could change: tables and files."""
+    with storage.engine.connect() as connection:
+        conversations = connection.exec_driver_sql("SELECT count(*) FROM conversations").scalar()
+        messages = connection.exec_driver_sql("SELECT count(*) FROM messages").scalar()
+    files = sorted(str(p.relative_to(storage.images_dir)) for p in storage.images_dir.rglob("*") if p.is_file())
+    return conversations, messages, files
+
+
+def test_json_round_trip_keeps_everything(storage: st.Storage, exported) -> None:
+    user, original, document = exported
+    assert document["format"] == "mipha-chat-conversation" and document["version"] == 1
+    assert document["messages"][0]["image"]["data_uri"].startswith("data:image/jpeg;base64,")
+
+    other = make_user(storage, "bob")
+    imported = st.import_json(storage, owner_id=other.id, data=json.dumps(document).encode())
+    assert imported.id != original.id and imported.owner_id == other.id
+    assert (imported.title, imported.model_id, imported.settings, imported.created_at) == (
+        original.title, original.model_id, original.settings, original.created_at,
+    )
+    with storage.session() as session:
+        before = st.list_messages(session, owner_id=user.id, conversation_id=original.id)
+        after = st.list_messages(session, owner_id=other.id, conversation_id=imported.id)
+    fields = ("position", "role", "text", "status", "finish_reason", "prompt_tokens", "completion_tokens",
+              "first_token_seconds", "duration_seconds", "created_at")
+    assert [[getattr(m, f) for f in fields] for m in after] == [[getattr(m, f) for f in fields] for m in before]
+    with Image.open(st.image_path(storage, after[0].image_sha256)) as image:
+        assert image.size == (64, 48)
+
+
+def test_markdown_export(storage: st.Storage, exported) -> None:
+    user, conversation, _ = exported
+    with storage.session() as session:
+        text = st.export_markdown(session, storage=storage, owner_id=user.id, conversation_id=conversation.id)
+        plain = st.export_markdown(
+            session, storage=storage, owner_id=user.id, conversation_id=conversation.id, embed_images=False
+        )
+    assert text.startswith("# What is this?\n")
+    assert "**You:**" in text and "**Mipha:**" in text and "An orange square." in text
+    assert "![photo](data:image/jpeg;base64," in text
+    assert "data:" not in plain and "_[photo " in plain
+
+
+def test_exports_are_owner_scoped(storage: st.Storage, exported) -> None:
+    _, conversation, _ = exported
+    stranger = make_user(storage, "eve")
+    with storage.session() as session:
+        for export in (st.export_json, st.export_markdown):
+            with pytest.raises(st.ConversationNotFoundError):
+                export(session, storage=storage, owner_id=stranger.id, conversation_id=conversation.id)
+
+
+def bad_base64(doc: dict) -> None:
+    doc["messages"][0]["image"]["data_uri"] = "data:image/png;base64,abc"
+
+
+def bomb(doc: dict) -> None:
+    buffer = io.BytesIO()
+    Image.new("1", (8_000, 8_000)).save(buffer, "PNG")
+    doc["messages"][0]["image"]["data_uri"] = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def not_an_image(doc: dict) -> None:
+    doc["messages"][0]["image"]["data_uri"] = "data:image/png;base64," + base64.b64encode(b"<svg>hi</svg>").decode()
+
+
+def second_message_broken(doc: dict) -> None:
+    """The first message (with a new photo) is valid; the last one is not."""
+    doc["messages"][0]["image"]["data_uri"] = "data:image/png;base64," + base64.b64encode(png_bytes()).decode()
+    doc["messages"][1]["completion_tokens"] = -1
+
+
+HOSTILE = {
+    "not json": lambda doc: "{not json",
+    "not utf-8": lambda doc: b"\xff\xfe{}",
+    "a list": lambda doc: [],
+    "NaN": lambda doc: json.dumps(doc).replace('"temperature": 0.2', '"temperature": NaN'),
+    "deep nesting": lambda doc: "[" * 100_000 + "]" * 100_000,
+    "wrong format": lambda doc: doc.update(format="something-else"),
+    "future version": lambda doc: doc.update(version=2),
+    "unknown top field": lambda doc: doc.update(extra=1),
+    "title not text": lambda doc: doc["conversation"].update(title=["x"]),
+    "empty title": lambda doc: doc["conversation"].update(title="  "),
+    "huge title": lambda doc: doc["conversation"].update(title="x" * 100_000),
+    "settings a list": lambda doc: doc["conversation"].update(settings=[1, 2]),
+    "huge settings": lambda doc: doc["conversation"].update(settings={"x": "y" * 100_000}),
+    "bad timestamp": lambda doc: doc["conversation"].update(created_at="yesterday"),
+    "messages not a list": lambda doc: doc.update(messages={"0": {}}),
+    "message not an object": lambda doc: doc["messages"].append("hello"),
+    "bad role": lambda doc: doc["messages"][0].update(role="system"),
+    "text a number": lambda doc: doc["messages"][0].update(text=42),
+    "huge text": lambda doc: doc["messages"][0].update(text="x" * 30_000),
+    "token count a bool": lambda doc: doc["messages"][1].update(prompt_tokens=True),
+    "negative seconds": lambda doc: doc["messages"][1].update(duration_seconds=-1),
+    "path field": lambda doc: doc["messages"][0]["image"].update(path="../../x"),
+    "path as image": lambda doc: doc["messages"][0]["image"].update(data_uri="../../x"),
+    "file uri": lambda doc: doc["messages"][0]["image"].update(data_uri="file:///etc/passwd"),
+    "svg data uri": lambda doc: doc["messages"][0]["image"].update(data_uri="data:image/svg+xml;base64,PHN2Zz4="),
+    "bad base64": bad_base64,
+    "not an image": not_an_image,
+    "decompression bomb": bomb,
+    "last message broken": second_message_broken,
+}
+
+
+@pytest.mark.parametrize("corrupt", HOSTILE.values(), ids=HOSTILE.keys())
+def test_malformed_or_hostile_imports_are_refused_and_change_nothing(storage: st.Storage, exported, corrupt) -> None:
+    user, _, document = exported
+    document = copy.deepcopy(document)
+    result = corrupt(document)
+    data = result if result is not None else json.dumps(document)
+    if not isinstance(data, (str, bytes)):
+        data = json.dumps(data)
+    before = snapshot(storage)
+    with pytest.raises((st.InvalidImportError, st.LimitExceededError)) as error:
+        st.import_json(storage, owner_id=user.id, data=data)
+    assert isinstance(error.value, st.StorageError)
+    assert str(error.value) and "Traceback" not in str(error.value)
+    assert snapshot(storage) == before
+
+
+def test_import_error_names_the_field(storage: st.Storage, exported) -> None:
+    user, _, document = exported
+    document["messages"][1]["role"] = "system"
+    with pytest.raises(st.InvalidImportError, match=r"messages\[1\]\.role") as error:
+        st.import_json(storage, owner_id=user.id, data=json.dumps(document))
+    assert "Nothing was changed" in str(error.value)
+
+
+def test_import_respects_the_conversation_limit(data_dir: Path) -> None:
+    opened = st.open_storage(st.StorageConfig(data_dir=data_dir, limits=st.StorageLimits(max_conversations_per_user=1)))
+    user = make_user(opened, "ana")
+    conversation = make_conversation(opened, user)
+    with opened.session() as session:
+        document = st.export_json(session, storage=opened, owner_id=user.id, conversation_id=conversation.id)
+    with pytest.raises(st.LimitExceededError, match="Delete some old ones"):
+        st.import_json(opened, owner_id=user.id, data=document)
+    opened.close()
+
+
+def test_oversized_import_file_is_refused_before_parsing(data_dir: Path) -> None:
+    opened = st.open_storage(st.StorageConfig(data_dir=data_dir, limits=st.StorageLimits(max_import_bytes=1_000)))
+    user = make_user(opened, "ana")
+    with pytest.raises(st.LimitExceededError) as error:
+        st.import_json(opened, owner_id=user.id, data=b" " * 1_001)
+    assert error.value.limit_name == "max_import_bytes"
+    opened.close()
+
+
+def test_partial_replies_are_imported_as_interrupted(storage: st.Storage, exported) -> None:
+    user, _, document = exported
+    document["messages"][1]["status"] = "partial"
+    imported = st.import_json(storage, owner_id=user.id, data=json.dumps(document))
+    with storage.session() as session:
+        reply = st.list_messages(session, owner_id=user.id, conversation_id=imported.id)[1]
+    assert reply.status is st.MessageStatus.INTERRUPTED
