@@ -27,7 +27,7 @@ TINY_MODEL = "tiny"
 TINY_FOLDER = Path("models") / "tiny-v1"
 Quantization = Literal["8bit", "4bit"]
 _DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model"]
-_NOT_QUANTIZED = ["vision_tower", "multi_modal_projector", "lm_head"]
+_NOT_QUANTIZED = ["model.vision_tower", "model.multi_modal_projector", "lm_head"]
 _WAY_OUT = "Use --model PATH for a local copy or --model tiny for the offline demo model"
 
 
@@ -137,6 +137,7 @@ def _quantization_config(quantization: Quantization | None, dtype: torch.dtype) 
     if quantization is None:
         return None
     if quantization == "8bit":
+        _silence_int8_cast_warning()
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=_NOT_QUANTIZED)
     if quantization == "4bit":
         return BitsAndBytesConfig(
@@ -147,3 +148,16 @@ def _quantization_config(quantization: Quantization | None, dtype: torch.dtype) 
             llm_int8_skip_modules=_NOT_QUANTIZED,
         )
     raise ValueError(f"quantization must be None, '8bit' or '4bit', got {quantization!r}")
+
+
+class _DropInt8CastNotice(logging.Filter):
+    """bitsandbytes' 8-bit matmul logs, on every call on the CPU, that it casts to fp16."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("MatMul8bitLt: inputs will be cast")
+
+
+def _silence_int8_cast_warning() -> None:
+    bnb_logger = logging.getLogger("bitsandbytes.autograd._functions")
+    if not any(isinstance(existing, _DropInt8CastNotice) for existing in bnb_logger.filters):
+        bnb_logger.addFilter(_DropInt8CastNotice())
