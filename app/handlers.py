@@ -12,6 +12,7 @@ import logging
 import secrets
 import threading
 from collections.abc import Iterator
+from contextlib import closing
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -222,9 +223,11 @@ class Handlers:
         if stream.dropped_turns:
             gr.Warning(f"This conversation is longer than the model's memory: the {stream.dropped_turns} oldest "
                        "turns are no longer seen by the model. Start a new chat for a fresh context.")
-        with db.ReplyWriter.start(self.storage, owner_id=owner_id, conversation_id=conversation_id) as writer:
+        # closing() makes an early exit (Stop, a closed tab) wait for the generation thread to end
+        with db.ReplyWriter.start(self.storage, owner_id=owner_id, conversation_id=conversation_id) as writer, \
+                closing(iter(stream)) as chunks:
             try:
-                for chunk in stream:
+                for chunk in chunks:
                     writer.append(chunk)
                     yield shown + chatbot_messages([_growing(writer.message, writer.text)], image_file=self._image_file)
             except MiphaError as e:  # e.g. out of memory on the device: keep what came, say why

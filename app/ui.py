@@ -131,6 +131,7 @@ def build_app(services: Services) -> gr.Blocks:
             reply, [conversation, owner, *params], [chatbot], api_name=False, concurrency_id="generate",
             show_progress="minimal").then(
             finish, [owner, search, conversation], [conversations, *locked], api_name=False)
+        chatbot.clear(h.new_chat, None, opened, api_name=False, queue=False)  # the chatbot's trash icon
         stop_btn.click(h.stop, [conversation, owner], None, api_name=False, queue=False)
 
     demo.queue(default_concurrency_limit=settings.concurrency)

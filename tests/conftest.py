@@ -1,0 +1,124 @@
+"""Shared fixtures. App and browser fixtures are grouped below and prefixed `app_`."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+ARTIFACTS = REPO / "test-artifacts"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+
+
+# --- app fixtures: the tiny engine, storage and Services for handler tests ---------------------
+
+
+@pytest.fixture(scope="session")
+def app_tiny_engine(tmp_path_factory: pytest.TempPathFactory):
+    """The offline tiny model, built once per test session."""
+    from mipha_core import load_engine
+
+    return load_engine("tiny", device="cpu", dtype="float32", data_dir=tmp_path_factory.mktemp("app-models"))
+
+
+@pytest.fixture
+def app_services(tmp_path: Path, app_tiny_engine):
+    """Services over a real SQLite file in a temporary data dir and a ready tiny engine."""
+    from app.model_slot import ModelSlot
+    from app.services import Services, browser_state_key
+    from app.settings import Settings
+    from storage import StorageConfig, open_storage
+
+    settings = Settings(model="tiny", data_dir=tmp_path, max_new_tokens=64, max_message_chars=500)
+    storage = open_storage(StorageConfig(data_dir=tmp_path))
+    yield Services(settings=settings, storage=storage, model=ModelSlot.ready(app_tiny_engine),
+                   browser_state_key=browser_state_key(tmp_path))
+    storage.close()
+
+
+# --- browser fixtures: the real app in a subprocess and headless Chromium ----------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for_http(url: str, process: subprocess.Popen, *, timeout: float, log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the app exited with {process.returncode}:\n{log.read_text()[-4000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            time.sleep(0.3)
+    raise RuntimeError(f"the app did not answer at {url} within {timeout} s:\n{log.read_text()[-4000:]}")
+
+
+@pytest.fixture(scope="module")
+def app_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """`launch.py --model tiny` on a free localhost port; yields its URL."""
+    data_dir = tmp_path_factory.mktemp("app-data")
+    port = _free_port()
+    log = data_dir / "server.log"
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
+           "MIPHA_MAX_NEW_TOKENS": "128"}
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            [sys.executable, "launch.py", "--model", "tiny", "--device", "cpu", "--data-dir", str(data_dir),
+             "--port", str(port)], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        _wait_for_http(url, process, timeout=120, log=log)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        ARTIFACTS.mkdir(exist_ok=True)
+        (ARTIFACTS / "browser-server.log").write_text(log.read_text())
+
+
+@pytest.fixture(scope="module")
+def app_browser():
+    """Headless Debian Chromium through Playwright (never `playwright install`)."""
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"{CHROMIUM} is missing: run scripts/install-chromium.sh")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def app_screenshot():
+    """`shot(page, name)` saves test-artifacts/NAME.png."""
+    ARTIFACTS.mkdir(exist_ok=True)
+
+    def shot(page, name: str) -> Path:
+        path = ARTIFACTS / f"{name}.png"
+        page.screenshot(path=str(path), full_page=True)
+        return path
+
+    return shot
