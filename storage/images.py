@@ -34,8 +34,8 @@ from sqlalchemy.orm import Session
 from storage.config import StorageLimits
 from storage.errors import ImageNotFoundError, InvalidImageError, LimitExceededError
 from storage.mapping import image_record
-from storage.records import ImageRecord
 from storage.models import Image, Message
+from storage.records import ImageRecord
 
 if TYPE_CHECKING:
     from storage.db import Storage

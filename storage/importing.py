@@ -31,13 +31,13 @@ from storage.conversations import (
     title_from_text,
 )
 from storage.db import Storage
-from storage.errors import InvalidImageError, InvalidInputError, InvalidImportError, LimitExceededError
+from storage.errors import InvalidImageError, InvalidImportError, InvalidInputError, LimitExceededError
 from storage.exporting import EXPORT_FORMAT, EXPORT_VERSION
 from storage.images import PreparedImage, prepare_image, remove_image_files, store_image_row, write_image_file
+from storage.mapping import conversation_record
 from storage.messages import MAX_FINISH_REASON_CHARS
 from storage.models import Conversation, Message
 from storage.records import ConversationRecord, MessageStatus, Role
-from storage.mapping import conversation_record
 
 logger = logging.getLogger(__name__)
 
@@ -145,7 +145,9 @@ def _validate(document: dict[str, Any], *, limits: StorageLimits) -> tuple[dict[
         raise InvalidImportError(str(e), path="conversation.settings") from e
     cleaned = {
         "title": title_from_text(title, max_chars=limits.max_title_chars),
-        "model_id": _optional_string(conversation.get("model_id"), path="conversation.model_id", max_chars=MAX_MODEL_ID_CHARS),
+        "model_id": _optional_string(
+            conversation.get("model_id"), path="conversation.model_id", max_chars=MAX_MODEL_ID_CHARS
+        ),
         "settings": settings,
         "created_at": _timestamp(conversation.get("created_at"), path="conversation.created_at"),
     }
@@ -173,7 +175,9 @@ def _message(raw: Any, *, path: str, limits: StorageLimits) -> _ImportedMessage:
         image=_image(raw.get("image"), path=f"{path}.image", limits=limits),
         # A reply that was still streaming when exported is not streaming now.
         status=MessageStatus.INTERRUPTED if status is MessageStatus.PARTIAL else status,
-        finish_reason=_optional_string(raw.get("finish_reason"), path=f"{path}.finish_reason", max_chars=MAX_FINISH_REASON_CHARS),
+        finish_reason=_optional_string(
+            raw.get("finish_reason"), path=f"{path}.finish_reason", max_chars=MAX_FINISH_REASON_CHARS
+        ),
         prompt_tokens=_count(raw.get("prompt_tokens"), path=f"{path}.prompt_tokens"),
         completion_tokens=_count(raw.get("completion_tokens"), path=f"{path}.completion_tokens"),
         first_token_seconds=_seconds(raw.get("first_token_seconds"), path=f"{path}.first_token_seconds"),

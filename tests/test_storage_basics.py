@@ -10,10 +10,12 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import create_engine, inspect, text
-from storage_fixtures import data_dir, make_user, storage  # noqa: F401  (fixtures)
 
 import storage as st
 from storage.models import Base, User
+from tests.storage_helpers import make_user
+
+pytest_plugins = ("tests.storage_fixtures",)  # the data_dir and storage fixtures
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

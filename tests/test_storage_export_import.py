@@ -11,9 +11,11 @@ from typing import Any
 
 import pytest
 from PIL import Image
-from storage_fixtures import data_dir, jpeg_bytes, make_conversation, make_user, png_bytes, storage  # noqa: F401
 
 import storage as st
+from tests.storage_helpers import jpeg_bytes, make_conversation, make_user, png_bytes
+
+pytest_plugins = ("tests.storage_fixtures",)  # the data_dir and storage fixtures
 
 
 @pytest.fixture

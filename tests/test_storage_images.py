@@ -7,9 +7,11 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from storage_fixtures import data_dir, jpeg_bytes, make_conversation, make_user, png_bytes, storage  # noqa: F401
 
 import storage as st
+from tests.storage_helpers import jpeg_bytes, make_conversation, make_user, png_bytes
+
+pytest_plugins = ("tests.storage_fixtures",)  # the data_dir and storage fixtures
 
 ORIENTATION, MAKE, GPS_IFD = 0x0112, 0x010F, 0x8825
 

@@ -11,9 +11,11 @@ import threading
 from pathlib import Path
 
 import pytest
-from storage_fixtures import data_dir, make_conversation, make_user, storage  # noqa: F401  (fixtures)
 
 import storage as st
+from tests.storage_helpers import make_conversation, make_user
+
+pytest_plugins = ("tests.storage_fixtures",)  # the data_dir and storage fixtures
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,7 +1,7 @@
 """Initial schema: users, conversations, messages, images.
 
 Revision ID: 0001
-Revises: 
+Revises: (none)
 """
 
 from __future__ import annotations
