@@ -52,7 +52,9 @@ def load_image(
             oriented = ImageOps.exif_transpose(image)
             return _to_rgb(oriented)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        raise ImageTooLargeError(f"the image is too large to decode safely ({error}): resize it and try again") from error
+        raise ImageTooLargeError(
+            f"the image is too large to decode safely: resize it to under {max_pixels:,} pixels and try again"
+        ) from error
     except UnidentifiedImageError as error:
         raise InvalidImageError(
             "this file is not an image that can be read: send a JPEG, PNG, WebP, HEIC, GIF, BMP or TIFF photo"

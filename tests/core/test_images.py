@@ -1,0 +1,133 @@
+"""User photos: every common format decodes to the RGB image a person expects, bad data is refused."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mipha_core import ImageTooLargeError, InvalidImageError, load_image
+from mipha_core.preprocessing import pad_to_square
+
+
+def encoded(image: Image.Image, fmt: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+def test_pad_to_square_centres_the_image_on_the_mean_colour():
+    image = Image.new("RGB", (300, 100), (10, 200, 30))
+    square = pad_to_square(image, (127, 127, 127))
+    assert square.size == (300, 300)
+    assert square.getpixel((0, 0)) == (127, 127, 127)
+    assert square.getpixel((150, 99)) == (127, 127, 127)
+    assert square.getpixel((150, 100)) == (10, 200, 30)
+    assert square.getpixel((150, 199)) == (10, 200, 30)
+    assert square.getpixel((150, 200)) == (127, 127, 127)
+    tall = pad_to_square(Image.new("RGB", (101, 300), (1, 2, 3)), (127, 127, 127))
+    assert tall.getpixel((99, 150)) == (1, 2, 3) and tall.getpixel((98, 150)) == (127, 127, 127)
+
+
+def test_preprocessing_pads_with_background_before_resizing(engine):
+    wide = Image.new("RGB", (400, 100), (255, 0, 0))
+    pixels = engine.preprocessor(wide)
+    assert pixels.shape == (1, 3, 384, 384)
+    top_left = pixels[0, :, 0, 0]
+    assert np.allclose(top_left.numpy(), (127 / 255 - 0.5) / 0.5, atol=1e-6)
+    centre = pixels[0, :, 192, 192].numpy()
+    assert np.allclose(centre, [1.0, -1.0, -1.0], atol=1e-6)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF"])
+def test_common_formats_decode_to_rgb(fmt):
+    source = Image.new("RGB", (64, 48), (250, 250, 250))
+    source.paste((0, 0, 0), (0, 0, 32, 48))
+    image = load_image(encoded(source, fmt))
+    assert image.mode == "RGB" and image.size == (64, 48)
+    assert image.getpixel((5, 5))[0] < 40 and image.getpixel((60, 5))[0] > 200
+
+
+def test_heic_photos_decode():
+    pillow_heif = pytest.importorskip("pillow_heif")
+    source = Image.new("RGB", (64, 48), (20, 120, 220))
+    buffer = io.BytesIO()
+    pillow_heif.from_pillow(source).save(buffer, format="HEIF", quality=90)
+    image = load_image(buffer.getvalue())
+    assert image.size == (64, 48)
+    assert abs(image.getpixel((32, 24))[2] - 220) < 20
+
+
+def test_exif_orientation_is_applied():
+    source = Image.new("RGB", (60, 30), (255, 255, 255))
+    source.paste((0, 0, 0), (0, 0, 10, 30))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise to display
+    image = load_image(encoded(source, "JPEG", exif=exif.tobytes(), quality=95))
+    assert image.size == (30, 60)
+    assert image.getpixel((15, 2))[0] < 60 and image.getpixel((15, 57))[0] > 200
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA"])
+def test_transparency_is_composited_on_white(mode):
+    source = Image.new(mode, (20, 20), (0, 0) if mode == "LA" else (0, 0, 0, 0))
+    image = load_image(encoded(source, "PNG"))
+    assert image.getpixel((10, 10)) == (255, 255, 255)
+
+
+def test_palette_transparency_is_composited_on_white():
+    source = Image.new("P", (20, 20), 1)
+    source.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    source.paste(0, (0, 0, 10, 20))
+    image = load_image(encoded(source, "PNG", transparency=0))
+    assert image.getpixel((5, 5)) == (255, 255, 255) and image.getpixel((15, 5)) == (255, 0, 0)
+
+
+def test_grayscale_cmyk_and_16_bit_convert():
+    assert load_image(encoded(Image.new("L", (8, 8), 90), "PNG")).getpixel((1, 1)) == (90, 90, 90)
+    cmyk = load_image(encoded(Image.new("CMYK", (8, 8), (0, 255, 255, 0)), "JPEG"))
+    red, green, blue = cmyk.getpixel((4, 4))
+    assert red > 200 and green < 60 and blue < 60
+    deep = Image.fromarray(np.full((8, 8), 40000, dtype=np.uint16))
+    value = load_image(encoded(deep, "PNG")).getpixel((3, 3))
+    assert value == (156, 156, 156)
+
+
+def test_animation_gives_its_first_frame():
+    frames = [Image.new("RGB", (16, 16), colour) for colour in [(255, 0, 0), (0, 0, 255)]]
+    data = encoded(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=100)
+    assert load_image(data).getpixel((8, 8))[0] > 200
+
+
+def test_undecodable_data_is_refused():
+    with pytest.raises(InvalidImageError, match="not an image"):
+        load_image(b"%PDF-1.4 definitely not a photo")
+    truncated = encoded(Image.new("RGB", (200, 200), (1, 2, 3)), "JPEG")[:300]
+    with pytest.raises(InvalidImageError):
+        load_image(truncated)
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def test_decompression_bomb_is_refused_from_its_header():
+    with pytest.raises(ImageTooLargeError, match="resize it"):
+        load_image(png_header_only(100_000, 100_000))
+    with pytest.raises(ImageTooLargeError, match="over the limit"):
+        load_image(png_header_only(9_000, 9_000))
+
+
+def test_pixel_limit_is_configurable():
+    data = encoded(Image.new("RGB", (100, 100)), "PNG")
+    with pytest.raises(ImageTooLargeError, match="10,000 pixels"):
+        load_image(data, max_pixels=5_000)
+    assert load_image(data, max_pixels=10_000).size == (100, 100)
