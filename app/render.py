@@ -36,11 +36,11 @@ def reply_footer(*, tokens_per_second: float | None, completion_tokens: int | No
     if completion_tokens is not None:
         parts.append(f"{completion_tokens} tokens")
     if status == "cancelled" or finish_reason == "cancelled":
-        parts.append("⏹ stopped: partial reply")
+        parts.append("stopped: partial reply")
     elif status == "interrupted":
-        parts.append("⚠ interrupted: partial reply")
+        parts.append("interrupted: partial reply")
     elif status == "error":
-        parts.append("⚠ failed")
+        parts.append("failed")
     elif finish_reason == "length":
         parts.append("cut at the token limit")
     if not parts:

@@ -63,7 +63,8 @@ def build_app(services: Services) -> gr.Blocks:
         chat_input = gr.MultimodalTextbox(
             elem_id="chat-input", file_types=["image"], file_count="single", sources=["upload"],
             placeholder="Ask about your photo… (drop, paste or attach an image)", show_label=False,
-            submit_btn=False, max_plain_text_length=settings.max_message_chars, autofocus=True)
+            submit_btn=False, max_plain_text_length=settings.max_message_chars, autofocus=True,
+            interactive=False)  # enabled by the page load, once the browser's identity is known
         with gr.Row():
             send_btn = gr.Button("Send", variant="primary", elem_id="send-button", scale=2)
             stop_btn = gr.Button("Stop", variant="stop", elem_id="stop-button", interactive=False)
@@ -86,9 +87,10 @@ def build_app(services: Services) -> gr.Blocks:
         def on_load(stored_secret, request: gr.Request, profile: gr.OAuthProfile | None):
             oauth_name = profile.username if profile is not None else None
             kept, owner_id = h.identify(stored_secret, username=request.username, oauth_username=oauth_name)
-            return kept, owner_id, h.conversation_list(owner_id), *h.new_chat(), *_status_updates(services)
+            return (kept, owner_id, h.conversation_list(owner_id), *h.new_chat(), *_status_updates(services),
+                    gr.update(interactive=True))
 
-        demo.load(on_load, [secret], [secret, owner, conversations, *opened, status, timer], api_name=False)
+        demo.load(on_load, [secret], [secret, owner, conversations, *opened, status, timer, chat_input], api_name=False)
         timer.tick(lambda: _status_updates(services), None, [status, timer], api_name=False, show_progress="hidden",
                    queue=False)
 

@@ -79,7 +79,7 @@ def app_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port = _free_port()
     log = data_dir / "server.log"
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
-           "MIPHA_MAX_NEW_TOKENS": "128"}
+           "MIPHA_MAX_NEW_TOKENS": "1024"}  # replies of up to 512 tokens: seconds, time to press Stop
     with log.open("w") as out:
         process = subprocess.Popen(
             [sys.executable, "launch.py", "--model", "tiny", "--device", "cpu", "--data-dir", str(data_dir),

@@ -1,0 +1,111 @@
+"""The real app (`launch.py --model tiny`) in headless Chromium, as a person uses it.
+
+One server and one browser per module; the tests run in order and share the first visitor's
+browser context (its identity lives in that context's localStorage). Screenshots of the
+main views go to test-artifacts/.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import expect
+
+pytestmark = pytest.mark.browser
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+QUESTION = "What is in this photo?"
+TIMEOUT_MS = 30_000
+
+
+@pytest.fixture(scope="module")
+def visitor(app_browser):
+    """The first visitor's browser context, kept across the tests of this module."""
+    context = app_browser.new_context(viewport={"width": 1280, "height": 900})
+    context.set_default_timeout(TIMEOUT_MS)
+    yield context
+    context.close()
+
+
+def open_app(context, url: str):
+    page = context.new_page()
+    page.goto(url)
+    page.locator("#chat-input textarea:not([disabled])").wait_for()  # enabled once the page load ran
+    return page
+
+
+def bot_messages(page):
+    return page.locator("#chatbot [data-testid=bot]")
+
+
+def test_ask_about_a_photo_see_it_stream_and_stop_it(app_server, visitor, app_screenshot):
+    page = open_app(visitor, app_server)
+    app_screenshot(page, "01-empty")
+    page.locator("#chat-input input[type=file]").set_input_files(str(ASSETS / "chelsea.jpg"))
+    page.locator("#chat-input textarea").fill(QUESTION)
+    page.locator("#send-button").click()
+
+    reply = bot_messages(page).last
+    reply.filter(has_text=re.compile(r"\w")).wait_for()
+    # text is on the page while the reply is still being written: Stop is live, no footer yet
+    assert page.locator("#stop-button").is_enabled()
+    assert page.locator("#chatbot .reply-footer").count() == 0
+    first_seen = reply.inner_text()
+    page.wait_for_function("([n]) => document.querySelector('#chatbot [data-testid=bot]:last-of-type')"
+                           "?.innerText.length > n", arg=[len(first_seen) + 5])
+    app_screenshot(page, "02-streaming")
+
+    page.locator("#stop-button").click()
+    footer = page.locator("#chatbot .reply-footer").last
+    footer.filter(has_text="stopped: partial reply").wait_for()
+    expect(page.locator("#send-button")).to_be_enabled()
+    assert page.locator("#chatbot [data-testid=user] img").count() == 1
+    app_screenshot(page, "03-stopped")
+    page.close()
+
+
+def test_reload_finds_the_conversation_with_its_photo(app_server, visitor, app_screenshot):
+    page = open_app(visitor, app_server)
+    entry = page.locator("#conversation-list label", has_text=QUESTION)
+    entry.wait_for()
+    entry.click()
+    page.locator("#chatbot [data-testid=user] img").wait_for()
+    page.locator("#chatbot .reply-footer", has_text="stopped: partial reply").wait_for()
+    assert page.locator("#chatbot [data-testid=user]", has_text=QUESTION).count() == 1
+    app_screenshot(page, "04-reopened")
+    page.close()
+
+
+def test_another_browser_sees_none_of_these_conversations(app_server, app_browser, app_screenshot):
+    context = app_browser.new_context(viewport={"width": 1280, "height": 900})
+    context.set_default_timeout(TIMEOUT_MS)
+    page = open_app(context, app_server)
+    page.wait_for_timeout(500)  # the list is filled by the same page load that enabled the input
+    assert page.locator("#conversation-list label").count() == 0
+    assert QUESTION not in page.locator("#conversation-list").inner_text()
+    app_screenshot(page, "05-second-browser")
+    context.close()
+
+
+def test_a_non_image_upload_shows_a_notice(app_server, visitor, app_screenshot, tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("this is not a photo")
+    page = open_app(visitor, app_server)
+    page.locator("#chat-input input[type=file]").set_input_files(str(notes))
+    toast = page.locator("[data-testid=toast-body]").first
+    expect(toast).to_contain_text(re.compile(r"only image", re.I))  # refused in the page, by type
+    app_screenshot(page, "06-non-image-notice")
+    toast.locator("button").first.click()
+
+    broken = tmp_path / "broken.jpg"  # passes the type filter, fails on the server
+    broken.write_bytes((ASSETS / "coffee.jpg").read_bytes()[:300])
+    page.locator("#chat-input input[type=file]").set_input_files(str(broken))
+    page.locator("#chat-input textarea").fill("What is this?")
+    page.locator("#send-button").click()
+    expect(page.locator("[data-testid=toast-body]", has_text="not a photo this app can read")).to_be_visible()
+    expect(page.locator("#chat-input textarea")).to_have_value("What is this?")  # nothing typed is lost
+    app_screenshot(page, "07-corrupt-image-notice")
+    assert page.locator("#conversation-list label").count() == 1  # nothing new was stored
+    page.close()
