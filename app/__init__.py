@@ -1,7 +1,6 @@
-"""The Gradio UI of Mipha Chat: `build_app(services)` returns the page; `launch.py` serves it."""
+"""The Gradio UI of Mipha Chat.
 
-from app.services import Services
-from app.settings import Settings
-from app.ui import build_app
-
-__all__ = ["Services", "Settings", "build_app"]
+`app.ui.build_app(services)` returns the page; `app.services.Services` is what it needs;
+`app.settings.Settings` is what `launch.py` decides. Nothing is imported here so that
+`launch.py --help` (which needs only the settings) stays instant.
+"""
