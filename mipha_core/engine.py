@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from PIL import Image
 from transformers import PreTrainedTokenizerBase, StoppingCriteriaList
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from mipha_core.caching import ByteBoundedLRU, PrefixKVCache, image_key
 from mipha_core.conversation import Turn, turns_from_messages
 from mipha_core.errors import ContextOverflowError
 from mipha_core.generation import CancelCriteria, CountingTextStreamer, GenerationParams
@@ -24,12 +28,27 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class PreparedPrompt:
-    """Model inputs for a conversation after fitting it into the context window."""
+    """A conversation fitted into the context window, as token ids and the image to send."""
 
-    inputs: dict[str, torch.Tensor]
-    prompt_tokens: int
+    token_ids: list[int]
+    image: Image.Image | None
     dropped_turns: int
-    image_sent: bool
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def image_sent(self) -> bool:
+        return self.image is not None
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    """Byte budgets of the follow-up caches; 0 turns a cache off (every turn re-reads everything)."""
+
+    kv_cache_bytes: int = 2 * 1024**3
+    image_feature_bytes: int = 256 * 1024**2
 
 
 class Engine:
@@ -51,6 +70,7 @@ class Engine:
         model_id: str,
         context_length: int,
         image_tokens: int,
+        caches: CacheSettings = CacheSettings(),
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -63,6 +83,8 @@ class Engine:
         self.image_token_id = model.config.image_token_id
         vocab_rows = model.config.text_config.vocab_size
         self.suppressed_ids = list(range(len(tokenizer), vocab_rows))
+        self.kv_cache = PrefixKVCache(caches.kv_cache_bytes, image_token_id=self.image_token_id)
+        self.image_features: ByteBoundedLRU[torch.Tensor] = ByteBoundedLRU(caches.image_feature_bytes)
 
     @property
     def device(self) -> torch.device:
@@ -76,7 +98,11 @@ class Engine:
         """Tensors for ``model(**inputs)`` and ``model.generate(**inputs)``: ``input_ids``,
         ``attention_mask`` and, when an image is sent, ``pixel_values``. Turns that do not fit
         with ``max_new_tokens`` of room are dropped as described on the class."""
-        return self.prepare(messages, max_new_tokens=max_new_tokens).inputs
+        prepared = self.prepare(messages, max_new_tokens=max_new_tokens)
+        inputs = self._text_inputs(prepared.token_ids)
+        if prepared.image is not None:
+            inputs["pixel_values"] = self._pixel_values(prepared.image)
+        return inputs
 
     def prepare(self, messages: Sequence[dict[str, Any]], *, max_new_tokens: int) -> PreparedPrompt:
         """Like ``encode`` but also says how many turns were dropped and whether the image went."""
@@ -90,10 +116,9 @@ class Engine:
                 break
             kept.remove(self._turn_to_drop(kept, image_turn, len(ids), max_new_tokens))
         return PreparedPrompt(
-            inputs=self._tensors(ids, image=turns[image_turn].image if sent_image_turn is not None else None),
-            prompt_tokens=len(ids),
+            token_ids=ids,
+            image=turns[image_turn].image if sent_image_turn is not None else None,
             dropped_turns=len(turns) - len(kept),
-            image_sent=sent_image_turn is not None,
         )
 
     def stream(
@@ -114,14 +139,25 @@ class Engine:
         prepared = self.prepare(messages, max_new_tokens=params.max_new_tokens)
         cancel = cancel or threading.Event()
         config = params.to_generation_config(end_token_id=self.end_token_id, suppressed_ids=self.suppressed_ids)
+        image_hash = image_key(prepared.image) if prepared.image is not None else None
+        hit = self.kv_cache.take(prepared.token_ids, image_hash)
+        reused = hit.reused_tokens if hit else 0
 
         def run(streamer: CountingTextStreamer) -> torch.Tensor:
-            return self.model.generate(
-                **prepared.inputs,
+            inputs = self._text_inputs(prepared.token_ids)
+            if prepared.image is not None and reused <= prepared.token_ids.index(self.image_token_id):
+                features = self._image_features(prepared.image, image_hash, streamer)
+                inputs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=[features])}
+            output = self.model.generate(
+                **inputs,
+                past_key_values=hit.cache if hit else None,
                 generation_config=config,
                 streamer=streamer,
                 stopping_criteria=StoppingCriteriaList([CancelCriteria(cancel)]),
             )
+            cache = output.past_key_values
+            self.kv_cache.put(output.sequences[0, : cache.get_seq_length()].tolist(), image_hash, cache)
+            return output.sequences
 
         return ReplyStream(
             run=run,
@@ -129,9 +165,22 @@ class Engine:
             cancel=cancel,
             prompt_tokens=prepared.prompt_tokens,
             dropped_turns=prepared.dropped_turns,
+            reused_tokens=reused,
             max_new_tokens=params.max_new_tokens,
             end_token_id=self.end_token_id,
         )
+
+    def _image_features(self, image: Image.Image, key: str, streamer: CountingTextStreamer) -> torch.Tensor:
+        """Projected features of ``image`` (``(image_tokens, hidden)``), from the cache when seen before."""
+        cached = self.image_features.get(key)
+        if cached is not None:
+            return cached
+        started = time.perf_counter()
+        with torch.no_grad():
+            features = self.model.model.get_image_features(pixel_values=self._pixel_values(image)).pooler_output[0]
+        streamer.vision_seconds = time.perf_counter() - started
+        self.image_features.put(key, features, features.numel() * features.element_size())
+        return features
 
     def _turn_to_drop(self, kept: list[int], image_turn: int | None, prompt_tokens: int, room: int) -> int:
         older = kept[:-1]
@@ -154,13 +203,12 @@ class Engine:
             ids += self.tokenizer(prompt.after, add_special_tokens=False).input_ids
         return ids
 
-    def _tensors(self, ids: list[int], *, image: Any) -> dict[str, torch.Tensor]:
+    def _text_inputs(self, ids: list[int]) -> dict[str, torch.Tensor]:
         input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
-        inputs = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
-        if image is not None:
-            pixels = self.preprocessor(image)
-            inputs["pixel_values"] = pixels.to(device=self.device, dtype=self._vision_dtype())
-        return inputs
+        return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+
+    def _pixel_values(self, image: Image.Image) -> torch.Tensor:
+        return self.preprocessor(image).to(device=self.device, dtype=self._vision_dtype())
 
     def _vision_dtype(self) -> torch.dtype:
         return self.model.model.vision_tower.embeddings.patch_embedding.weight.dtype

@@ -48,6 +48,7 @@ class GenerationParams:
             pad_token_id=end_token_id,
             suppress_tokens=suppressed_ids or None,
             use_cache=True,
+            return_dict_in_generate=True,
         )
 
 
@@ -62,12 +63,14 @@ class CancelCriteria(StoppingCriteria):
 
 
 class CountingTextStreamer(TextIteratorStreamer):
-    """``TextIteratorStreamer`` that also records how many tokens came and when the first did."""
+    """``TextIteratorStreamer`` that also records how many tokens came, when the first did,
+    and how long the vision tower took (None when the image features came from the cache)."""
 
     def __init__(self, tokenizer, **kwargs) -> None:
         super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True, **kwargs)
         self.generated_tokens = 0
         self.first_token_at: float | None = None
+        self.vision_seconds: float | None = None
 
     def put(self, value: torch.Tensor) -> None:
         if not self.next_tokens_are_prompt:

@@ -31,6 +31,10 @@ class ReplyStats:
     prompt_tokens: int
     completion_tokens: int
     dropped_turns: int
+    reused_tokens: int
+    """Prompt tokens whose KV states came from an earlier turn's cache instead of a prefill."""
+    vision_seconds: float | None
+    """Time in the vision tower; None when no image was encoded (none sent, or features cached)."""
     first_token_seconds: float | None
     elapsed_seconds: float
 
@@ -50,7 +54,7 @@ class ReplyStream:
     stops it at the next token; leaving the loop early (``break``, a closed generator, a
     disconnected client) sets ``cancel`` too and waits for the thread, so no work outlives
     the reader. An exception raised on the worker is re-raised to the reader.
-    ``dropped_turns`` and ``prompt_tokens`` are known before iteration starts.
+    ``prompt_tokens``, ``dropped_turns`` and ``reused_tokens`` are known before iteration starts.
     """
 
     def __init__(
@@ -61,6 +65,7 @@ class ReplyStream:
         cancel: threading.Event,
         prompt_tokens: int,
         dropped_turns: int,
+        reused_tokens: int,
         max_new_tokens: int,
         end_token_id: int,
     ) -> None:
@@ -69,6 +74,7 @@ class ReplyStream:
         self.cancel = cancel
         self.prompt_tokens = prompt_tokens
         self.dropped_turns = dropped_turns
+        self.reused_tokens = reused_tokens
         self._max_new_tokens = max_new_tokens
         self._end_token_id = end_token_id
         self._error: BaseException | None = None
@@ -145,6 +151,8 @@ class ReplyStream:
             prompt_tokens=self.prompt_tokens,
             completion_tokens=produced,
             dropped_turns=self.dropped_turns,
+            reused_tokens=self.reused_tokens,
+            vision_seconds=self._streamer.vision_seconds,
             first_token_seconds=None if first is None else first - started,
             elapsed_seconds=time.perf_counter() - started,
         )

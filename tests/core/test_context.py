@@ -24,7 +24,7 @@ def test_oldest_turns_are_dropped_and_the_image_turn_kept(engine, photo):
     assert prepared.dropped_turns > 0
     assert prepared.image_sent
     assert prepared.prompt_tokens + 256 <= engine.context_length
-    text = engine.tokenizer.decode([i for i in prepared.inputs["input_ids"][0].tolist() if i != engine.image_token_id])
+    text = engine.tokenizer.decode([i for i in prepared.token_ids if i != engine.image_token_id])
     assert "Question 0 about the photo" in text and "Final question" in text
     assert "Question 1 " not in text
     kept_answers = text.count(LONG_ANSWER.strip())
@@ -39,7 +39,7 @@ def test_image_turn_goes_last_when_nothing_else_fits(engine, photo):
     messages = [user("Look", photo), assistant(LONG_ANSWER * 2), user("Now " + "tell me more " * 80)]
     prepared = engine.prepare(messages, max_new_tokens=900)
     assert prepared.dropped_turns == 1 and not prepared.image_sent
-    assert "pixel_values" not in prepared.inputs
+    assert "pixel_values" not in engine.encode(messages, max_new_tokens=900)
 
 
 def test_a_question_that_cannot_fit_raises_before_generating(engine, photo):
