@@ -16,6 +16,8 @@ import math
 import os
 import re
 import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,15 +28,30 @@ from mipha_core.prompt import END_OF_TEXT, SYSTEM_PROMPT
 
 logger = logging.getLogger(__name__)
 
-TEXT_DIMS = {
-    "vocab_size": 1024, "hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2,
-    "num_attention_heads": 4, "num_key_value_heads": 4, "partial_rotary_factor": 0.4,
-}
-VISION_DIMS = {
-    "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 2,
-    "image_size": 384, "patch_size": 14,
-}
+@dataclass(frozen=True)
+class Dimensions:
+    """Sizes of the Phi-2 language model and the SigLIP vision tower."""
+
+    text: dict[str, int | float]
+    vision: dict[str, int]
+
+
+TINY = Dimensions(
+    text={"vocab_size": 1024, "hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2,
+          "num_attention_heads": 4, "num_key_value_heads": 4, "partial_rotary_factor": 0.4},
+    vision={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 2,
+            "image_size": 384, "patch_size": 14},
+)
+MIPHA_3B = Dimensions(
+    text={"vocab_size": 51200, "hidden_size": 2560, "intermediate_size": 10240, "num_hidden_layers": 32,
+          "num_attention_heads": 32, "num_key_value_heads": 32, "partial_rotary_factor": 0.4},
+    vision={"hidden_size": 1152, "intermediate_size": 4304, "num_hidden_layers": 27, "num_attention_heads": 16,
+            "image_size": 384, "patch_size": 14},
+)
+"""The real Mipha-3B sizes (SigLIP-so400m at 384 px, Phi-2 2.7B), for benchmarks."""
+
 TOKENIZER_VOCAB = 900
+DEFAULT_SHARD_BYTES = 2 * 1024**3
 
 _CORPUS = [
     SYSTEM_PROMPT,
@@ -51,16 +68,27 @@ _CORPUS = [
 ]
 
 
-def write_tiny_checkpoint(folder: Path, *, seed: int = 0, shards: int = 1) -> Path:
-    """Write a tiny random Mipha checkpoint into ``folder`` and return it."""
+def write_tiny_checkpoint(
+    folder: Path,
+    *,
+    dims: Dimensions = TINY,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> Path:
+    """Write a random Mipha checkpoint with ``dims`` (tiny by default) into ``folder``.
+
+    Tensors are drawn one at a time and written shard by shard, so a full-size checkpoint
+    never needs more than one shard in memory.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer_size = _write_tokenizer(folder)
     generator = torch.Generator().manual_seed(seed)
-    weights = _random_weights(generator, tokenizer_size=tokenizer_size)
-    _write_weights(folder, weights, shards=shards)
-    (folder / "config.json").write_text(json.dumps(_original_config(), indent=2))
-    (folder / "preprocessor_config.json").write_text(json.dumps(_preprocessor_config(), indent=2))
-    logger.info("wrote tiny Mipha checkpoint to %s", folder)
+    weights = _random_weights(dims, generator, tokenizer_size=tokenizer_size, dtype=dtype)
+    _write_weights(folder, weights, max_shard_bytes=max_shard_bytes)
+    (folder / "config.json").write_text(json.dumps(_original_config(dims, dtype), indent=2))
+    (folder / "preprocessor_config.json").write_text(json.dumps(_preprocessor_config(dims), indent=2))
+    logger.info("wrote a random Mipha checkpoint to %s", folder)
     return folder
 
 
@@ -105,9 +133,9 @@ def _write_tokenizer(folder: Path) -> int:
     return tokenizer.get_vocab_size()
 
 
-def _weight_shapes() -> dict[str, tuple[int, ...]]:
-    """Every tensor of a Mipha checkpoint with the tiny dimensions, under its original name."""
-    t, v = TEXT_DIMS, VISION_DIMS
+def _weight_shapes(dims: Dimensions) -> dict[str, tuple[int, ...]]:
+    """Every tensor of a Mipha checkpoint with ``dims``, under its original name."""
+    t, v = dims.text, dims.vision
     hidden, inner, vocab = t["hidden_size"], t["intermediate_size"], t["vocab_size"]
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, hidden)}
     for layer in range(t["num_hidden_layers"]):
@@ -117,13 +145,12 @@ def _weight_shapes() -> dict[str, tuple[int, ...]]:
         shapes |= _linear(f"{prefix}.mlp.fc1", hidden, inner) | _linear(f"{prefix}.mlp.fc2", inner, hidden)
         shapes |= _norm(f"{prefix}.input_layernorm", hidden)
     shapes |= _norm("model.final_layernorm", hidden) | _linear("lm_head", hidden, vocab)
-    shapes |= _vision_shapes("model.vision_tower.vision_model")
+    shapes |= _vision_shapes("model.vision_tower.vision_model", v)
     shapes |= _linear("model.mm_projector.0", v["hidden_size"], hidden) | _linear("model.mm_projector.2", hidden, hidden)
     return shapes
 
 
-def _vision_shapes(prefix: str) -> dict[str, tuple[int, ...]]:
-    v = VISION_DIMS
+def _vision_shapes(prefix: str, v: dict[str, int]) -> dict[str, tuple[int, ...]]:
     width, inner, patch = v["hidden_size"], v["intermediate_size"], v["patch_size"]
     positions = (v["image_size"] // patch) ** 2
     shapes: dict[str, tuple[int, ...]] = {
@@ -157,46 +184,63 @@ def _norm(name: str, width: int) -> dict[str, tuple[int, ...]]:
 _NORM = re.compile(r"(layernorm|layer_norm\d?)\.(weight|bias)$")
 
 
-def _random_weights(generator: torch.Generator, *, tokenizer_size: int) -> dict[str, torch.Tensor]:
-    weights = {}
-    for name, shape in _weight_shapes().items():
-        noise = torch.randn(shape, generator=generator)
+def _random_weights(
+    dims: Dimensions, generator: torch.Generator, *, tokenizer_size: int, dtype: torch.dtype
+) -> Iterator[tuple[str, torch.Tensor]]:
+    for name, shape in _weight_shapes(dims).items():
+        tensor = torch.randn(shape, generator=generator)
         if _NORM.search(name):
-            tensor = noise * 0.1 + (1.0 if name.endswith("weight") else 0.0)
+            tensor.mul_(0.1).add_(1.0 if name.endswith("weight") else 0.0)
         elif name.endswith("bias"):
-            tensor = noise * 0.1
-        elif name.endswith("embed_tokens.weight") or "position_embedding" in name or name.endswith("probe"):
-            tensor = noise
-        else:
-            fan_in = math.prod(shape[1:])
+            tensor.mul_(0.1)
+        elif not (name.endswith("embed_tokens.weight") or "position_embedding" in name or name.endswith("probe")):
             gain = 2.0 if name.startswith("lm_head") else 1.0
-            tensor = noise * gain / math.sqrt(fan_in)
-        weights[name] = tensor.contiguous()
-    weights["lm_head.weight"][tokenizer_size:] = 0.0
-    weights["lm_head.bias"][tokenizer_size:] = -1e4
-    return weights
+            tensor.mul_(gain / math.sqrt(math.prod(shape[1:])))
+        if name == "lm_head.weight":
+            tensor[tokenizer_size:] = 0.0
+        if name == "lm_head.bias":
+            tensor[tokenizer_size:] = -1e4
+        yield name, tensor.to(dtype)
 
 
-def _write_weights(folder: Path, weights: dict[str, torch.Tensor], *, shards: int) -> None:
-    metadata = {"format": "pt"}
-    if shards == 1:
-        save_file(weights, str(folder / "model.safetensors"), metadata=metadata)
+def _write_weights(folder: Path, weights: Iterator[tuple[str, torch.Tensor]], *, max_shard_bytes: int) -> None:
+    """Write shards of at most ``max_shard_bytes``; several shards get an index file."""
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    files: list[str] = []
+    total = 0
+
+    def flush() -> None:
+        files.append(f"part-{len(files)}.safetensors")
+        save_file(shards[-1], str(folder / files[-1]), metadata={"format": "pt"})
+        shards[-1] = {name: torch.empty(0) for name in shards[-1]}
+
+    for name, tensor in weights:
+        size = tensor.numel() * tensor.element_size()
+        if shards[-1] and _bytes(shards[-1]) + size > max_shard_bytes:
+            flush()
+            shards.append({})
+        shards[-1][name] = tensor
+        total += size
+    flush()
+    if len(files) == 1:
+        (folder / files[0]).rename(folder / "model.safetensors")
         return
-    names = sorted(weights)
     weight_map = {}
-    for index in range(shards):
-        filename = f"model-{index + 1:05d}-of-{shards:05d}.safetensors"
-        part = {name: weights[name] for name in names[index::shards]}
-        save_file(part, str(folder / filename), metadata=metadata)
-        weight_map |= {name: filename for name in part}
-    total = sum(tensor.numel() * tensor.element_size() for tensor in weights.values())
+    for index, (old_name, shard) in enumerate(zip(files, shards)):
+        new_name = f"model-{index + 1:05d}-of-{len(files):05d}.safetensors"
+        (folder / old_name).rename(folder / new_name)
+        weight_map |= {name: new_name for name in shard}
     index_file = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index_file, indent=2))
 
 
-def _original_config() -> dict:
+def _bytes(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(tensor.numel() * tensor.element_size() for tensor in tensors.values())
+
+
+def _original_config(dims: Dimensions, dtype: torch.dtype) -> dict:
     """A config.json laid out as the original repository saved Mipha-3B's."""
-    v = VISION_DIMS
+    v = dims.vision
     vision_tower = {
         "_name_or_path": "google/siglip-so400m-patch14-384", "model_type": "mipha_vision_model",
         "architectures": None, "attention_dropout": 0.0, "hidden_act": "gelu_pytorch_tanh",
@@ -206,12 +250,12 @@ def _original_config() -> dict:
     }
     mm_projector = {
         "model_type": "mipha_projector", "mm_projector_type": "mlp2x_gelu", "mm_hidden_size": v["hidden_size"],
-        "hidden_size": TEXT_DIMS["hidden_size"], "return_dict": True, "torch_dtype": None,
+        "hidden_size": dims.text["hidden_size"], "return_dict": True, "torch_dtype": None,
     }
     return {
         "_name_or_path": "mipha-tiny", "architectures": ["MiphaPhiForCausalLM"], "model_type": "mipha_phi",
-        **TEXT_DIMS, "hidden_act": "gelu_new", "layer_norm_eps": 1e-5, "max_position_embeddings": 2048,
-        "rope_theta": 10000.0, "qk_layernorm": False, "tie_word_embeddings": False, "torch_dtype": "float32",
+        **dims.text, "hidden_act": "gelu_new", "layer_norm_eps": 1e-5, "max_position_embeddings": 2048,
+        "rope_theta": 10000.0, "qk_layernorm": False, "tie_word_embeddings": False, "torch_dtype": str(dtype).removeprefix("torch."),
         "bos_token_id": 1, "eos_token_id": 2, "initializer_range": 0.02, "resid_pdrop": 0.1, "embd_pdrop": 0.0,
         "attention_dropout": 0.0, "use_cache": True, "image_aspect_ratio": "pad", "mm_use_im_start_end": False,
         "mm_use_im_patch_token": False, "tokenizer_model_max_length": 2048, "tokenizer_padding_side": "right",
@@ -220,8 +264,8 @@ def _original_config() -> dict:
     }
 
 
-def _preprocessor_config() -> dict:
-    size = VISION_DIMS["image_size"]
+def _preprocessor_config(dims: Dimensions) -> dict:
+    size = dims.vision["image_size"]
     return {
         "image_processor_type": "SiglipImageProcessor", "processor_class": "SiglipProcessor",
         "do_resize": True, "size": {"height": size, "width": size}, "resample": 3,
@@ -234,10 +278,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="Write a tiny random Mipha checkpoint (original format).")
     parser.add_argument("folder", type=Path, help="where to write it")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--shards", type=int, default=1, help="split the weights into this many safetensors files")
+    parser.add_argument("--max-shard-mb", type=int, default=DEFAULT_SHARD_BYTES // 2**20,
+                        help="largest safetensors file to write, in MiB")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    write_tiny_checkpoint(args.folder, seed=args.seed, shards=args.shards)
+    write_tiny_checkpoint(args.folder, seed=args.seed, max_shard_bytes=args.max_shard_mb * 2**20)
 
 
 if __name__ == "__main__":
