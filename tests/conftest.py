@@ -102,7 +102,7 @@ def app_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 def app_browser():
     """Headless Debian Chromium through Playwright (never `playwright install`)."""
     if not Path(CHROMIUM).exists():
-        pytest.skip(f"{CHROMIUM} is missing: run scripts/install-chromium.sh")
+        pytest.fail(f"{CHROMIUM} is missing: run scripts/install-chromium.sh (make test does)")
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
