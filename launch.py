@@ -25,6 +25,16 @@ TRUE_WORDS = {"1", "true", "yes", "on"}
 FALSE_WORDS = {"0", "false", "no", "off", ""}
 
 
+def _env_int(environ: Mapping[str, str], name: str) -> int | None:
+    value = environ.get(name, "").strip()
+    if not value:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise SystemExit(f"{name} must be a whole number, got {value!r}") from None
+
+
 def _env_bool(environ: Mapping[str, str], name: str) -> bool:
     value = environ.get(name, "").strip().lower()
     if value in TRUE_WORDS:
@@ -60,12 +70,17 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     model.add_argument("--device", default=env("MIPHA_DEVICE", "auto"),
                        help="'auto' (cuda, then mps, then cpu), 'cpu', 'cuda', 'cuda:1', 'mps' [MIPHA_DEVICE]")
     model.add_argument("--dtype", default=env("MIPHA_DTYPE", "auto"), choices=["auto", "float32", "bfloat16", "float16"],
-                       help="weights precision; 'auto' picks bf16/fp16 on GPUs and fp32 on CPU [MIPHA_DTYPE]")
+                       help="weights precision; 'auto' picks bf16/fp16 on GPUs, and on the CPU bf16 where it computes "
+                       "bf16 natively (AVX512-BF16, AMX), fp32 elsewhere [MIPHA_DTYPE]")
     quant = model.add_mutually_exclusive_group()
     quant.add_argument("--load-8bit", action="store_true", default=_env_bool(environ, "MIPHA_LOAD_8BIT"),
                        help="load weights in 8-bit through bitsandbytes (about half the memory) [MIPHA_LOAD_8BIT]")
     quant.add_argument("--load-4bit", action="store_true", default=_env_bool(environ, "MIPHA_LOAD_4BIT"),
                        help="load weights in 4-bit through bitsandbytes (about a quarter) [MIPHA_LOAD_4BIT]")
+    model.add_argument("--kv-cache-mb", type=int, default=_env_int(environ, "MIPHA_KV_CACHE_MB"),
+                       help="memory kept for conversations' KV caches, so follow-up questions skip re-reading "
+                       "the photo and the chat; 0 turns it off (default: 2048 on the CPU, 1024 on a GPU) "
+                       "[MIPHA_KV_CACHE_MB]")
     model.add_argument("--max-new-tokens", type=int, default=int(env("MIPHA_MAX_NEW_TOKENS", "512")),
                        help="upper bound of the reply length a user can choose [MIPHA_MAX_NEW_TOKENS]")
 
@@ -134,7 +149,7 @@ def settings_from_args(argv: Sequence[str] | None, environ: Mapping[str, str]) -
             model=args.model, device=args.device, dtype=args.dtype, quantization=quantization,
             host=args.host, port=args.port, share=args.share, auth=auth,
             data_dir=args.data_dir, database_url=args.database_url,
-            max_new_tokens=args.max_new_tokens, concurrency=args.concurrency,
+            max_new_tokens=args.max_new_tokens, concurrency=args.concurrency, kv_cache_mb=args.kv_cache_mb,
             on_space=bool(environ.get("SPACE_ID")),
             oauth_enabled=bool(environ.get("SPACE_ID") and environ.get("OAUTH_CLIENT_ID")),
             zero_gpu=environ.get("SPACES_ZERO_GPU", "").lower() in TRUE_WORDS,
@@ -154,14 +169,15 @@ def open_services(settings: Settings):
     """Storage opened, the model loading on a background thread: the page can come up now."""
     from app.model_slot import ModelSlot
     from app.services import Services, browser_state_key
-    from mipha_core import load_engine
+    from mipha_core import CacheSettings, load_engine
     from storage import StorageConfig, open_storage
 
     storage = open_storage(StorageConfig(data_dir=settings.data_dir, database_url=settings.database_url))
     model = ModelSlot(settings.model)
+    caches = None if settings.kv_cache_mb is None else CacheSettings(kv_cache_bytes=settings.kv_cache_mb * 1024**2)
     model.load_in_background(lambda: load_engine(
         settings.model, device=settings.device, dtype=settings.dtype, quantization=settings.quantization,
-        data_dir=settings.data_dir))
+        data_dir=settings.data_dir, caches=caches))
     return Services(settings=settings, storage=storage, model=model,
                     browser_state_key=browser_state_key(settings.data_dir))
 

@@ -44,6 +44,8 @@ class Settings:
     database_url: str | None = None
     max_new_tokens: int = 512
     concurrency: int = 1
+    kv_cache_mb: int | None = None
+    """Memory for keeping conversations' KV caches between turns; None: the engine's default."""
     max_message_chars: int = 4000
     max_upload_mb: int = 20
     on_space: bool = False
@@ -60,6 +62,8 @@ class Settings:
             raise ValueError(f"max_new_tokens must be in [1, 2048], got {self.max_new_tokens}")
         if self.concurrency < 1:
             raise ValueError(f"concurrency must be at least 1, got {self.concurrency}")
+        if self.kv_cache_mb is not None and self.kv_cache_mb < 0:
+            raise ValueError(f"kv_cache_mb must be 0 or more, got {self.kv_cache_mb}")
         if self.max_message_chars < 1:
             raise ValueError(f"max_message_chars must be at least 1, got {self.max_message_chars}")
 

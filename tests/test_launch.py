@@ -83,3 +83,13 @@ def test_help_lists_every_option_and_import_is_light():
     for option in ("--model", "--device", "--dtype", "--load-8bit", "--load-4bit", "--host", "--port", "--share",
                    "--auth", "--auth-file", "--data-dir", "--max-new-tokens", "--concurrency", "MIPHA_DATA_DIR"):
         assert option in help_text
+
+
+def test_kv_cache_budget_comes_from_flag_or_environment():
+    assert parse([]).kv_cache_mb is None
+    assert parse([], MIPHA_KV_CACHE_MB="0").kv_cache_mb == 0
+    assert parse(["--kv-cache-mb", "512"], MIPHA_KV_CACHE_MB="0").kv_cache_mb == 512
+    with pytest.raises(SystemExit):
+        parse(["--kv-cache-mb", "-1"])
+    with pytest.raises(SystemExit, match="MIPHA_KV_CACHE_MB must be a whole number"):
+        parse([], MIPHA_KV_CACHE_MB="lots")

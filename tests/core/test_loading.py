@@ -122,3 +122,14 @@ def test_importing_the_core_pulls_in_no_ui_or_database():
     code = "import sys, mipha_core; print(sorted(m for m in ('gradio', 'storage', 'sqlalchemy') if m in sys.modules))"
     result = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_cache_budgets_default_by_device_and_can_be_set(tiny_checkpoint):
+    from mipha_core import CacheSettings
+
+    default = load_engine(str(tiny_checkpoint), device="cpu", dtype="float32")
+    assert default.kv_cache._store.max_bytes == 2 * 1024**3
+    off = load_engine(str(tiny_checkpoint), device="cpu", dtype="float32", caches=CacheSettings(0, 0))
+    reply = off.stream([user("Hi")], max_new_tokens=3)
+    reply.text()
+    assert off.kv_cache.nbytes == 0 and reply.stats.reused_tokens == 0
