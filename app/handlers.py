@@ -241,7 +241,7 @@ class Handlers:
                 stats = stream.stats
                 status = db.MessageStatus.CANCELLED if stats.finish_reason == "cancelled" else db.MessageStatus.COMPLETE
                 writer.finish(status=status, finish_reason=stats.finish_reason, prompt_tokens=stats.prompt_tokens,
-                              completion_tokens=stats.completion_tokens)
+                              completion_tokens=stats.completion_tokens, reused_tokens=stats.reused_tokens)
         yield shown + chatbot_messages([writer.message], image_file=self._image_file)
 
     def stop(self, conversation_id: str | None, owner_id: int | None) -> None:

@@ -28,13 +28,23 @@ def escape_html(text: str) -> str:
 
 
 def reply_footer(*, tokens_per_second: float | None, completion_tokens: int | None, finish_reason: str | None,
-                 status: str | None = None) -> str:
-    """The small line under a reply: speed, length and how it ended when it did not end normally."""
+                 status: str | None = None, first_token_seconds: float | None = None,
+                 reused_tokens: int | None = None, prompt_tokens: int | None = None) -> str:
+    """The small line under a reply: speed, length, time to first token, prompt tokens reused
+    from the conversation's cache (only when some were), and how it ended when not normally.
+
+    Every part is built from numbers and fixed words, so the line needs no escaping.
+    """
     parts = []
     if tokens_per_second:
         parts.append(f"{tokens_per_second:.1f} tokens/s")
     if completion_tokens is not None:
         parts.append(f"{completion_tokens} tokens")
+    if first_token_seconds is not None:
+        parts.append(f"first token {first_token_seconds:.1f} s")
+    if reused_tokens:
+        of_prompt = f" of {prompt_tokens}" if prompt_tokens else ""
+        parts.append(f"{reused_tokens}{of_prompt} prompt tokens reused")
     if status == "cancelled" or finish_reason == "cancelled":
         parts.append("stopped: partial reply")
     elif status == "interrupted":

@@ -28,13 +28,17 @@ def chatbot_messages(records: Sequence[MessageRecord], *, image_file: Callable[[
 
 
 def assistant_text(record: MessageRecord) -> str:
-    """The reply as shown: escaped text plus its footer (speed, length, how it ended)."""
+    """The reply as shown: escaped text plus its footer (speed, length, cache reuse, how it ended)."""
+    done = record.status is not MessageStatus.PARTIAL
     seconds = record.duration_seconds
     tokens = record.completion_tokens
     speed = tokens / seconds if tokens and seconds else None
     footer = reply_footer(
-        tokens_per_second=speed if record.status is not MessageStatus.PARTIAL else None,
-        completion_tokens=tokens if record.status is not MessageStatus.PARTIAL else None,
+        tokens_per_second=speed if done else None,
+        completion_tokens=tokens if done else None,
+        first_token_seconds=record.first_token_seconds if done else None,
+        reused_tokens=record.reused_tokens if done else None,
+        prompt_tokens=record.prompt_tokens if done else None,
         finish_reason=record.finish_reason,
         status=record.status.value,
     )

@@ -85,6 +85,7 @@ def _message_json(session: Session, storage: Storage, message: MessageRecord) ->
         "finish_reason": message.finish_reason,
         "prompt_tokens": message.prompt_tokens,
         "completion_tokens": message.completion_tokens,
+        "reused_tokens": message.reused_tokens,
         "first_token_seconds": message.first_token_seconds,
         "duration_seconds": message.duration_seconds,
         "created_at": message.created_at.isoformat(),

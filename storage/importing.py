@@ -45,7 +45,7 @@ _TOP_KEYS = {"format", "version", "exported_at", "conversation", "messages"}
 _CONVERSATION_KEYS = {"title", "model_id", "settings", "created_at", "updated_at"}
 _MESSAGE_KEYS = {
     "role", "text", "image", "status", "finish_reason", "prompt_tokens",
-    "completion_tokens", "first_token_seconds", "duration_seconds", "created_at",
+    "completion_tokens", "reused_tokens", "first_token_seconds", "duration_seconds", "created_at",
 }
 _IMAGE_KEYS = {"data_uri", "width", "height"}
 _DATA_URI = re.compile(r"data:image/(jpeg|png|webp|gif);base64,([A-Za-z0-9+/=]*)", re.ASCII)
@@ -61,6 +61,7 @@ class _ImportedMessage:
     finish_reason: str | None
     prompt_tokens: int | None
     completion_tokens: int | None
+    reused_tokens: int | None
     first_token_seconds: float | None
     duration_seconds: float | None
     created_at: datetime | None
@@ -180,6 +181,7 @@ def _message(raw: Any, *, path: str, limits: StorageLimits) -> _ImportedMessage:
         ),
         prompt_tokens=_count(raw.get("prompt_tokens"), path=f"{path}.prompt_tokens"),
         completion_tokens=_count(raw.get("completion_tokens"), path=f"{path}.completion_tokens"),
+        reused_tokens=_count(raw.get("reused_tokens"), path=f"{path}.reused_tokens"),
         first_token_seconds=_seconds(raw.get("first_token_seconds"), path=f"{path}.first_token_seconds"),
         duration_seconds=_seconds(raw.get("duration_seconds"), path=f"{path}.duration_seconds"),
         created_at=_timestamp(raw.get("created_at"), path=f"{path}.created_at"),

@@ -68,6 +68,7 @@ def message_record(row: Message) -> MessageRecord:
         finish_reason=row.finish_reason,
         prompt_tokens=row.prompt_tokens,
         completion_tokens=row.completion_tokens,
+        reused_tokens=row.reused_tokens,
         first_token_seconds=row.first_token_seconds,
         duration_seconds=row.duration_seconds,
         created_at=as_utc(row.created_at),

@@ -66,6 +66,7 @@ def update_assistant_message(
     finish_reason: str | None = None,
     prompt_tokens: int | None = None,
     completion_tokens: int | None = None,
+    reused_tokens: int | None = None,
     first_token_seconds: float | None = None,
     duration_seconds: float | None = None,
 ) -> MessageRecord:
@@ -82,6 +83,7 @@ def update_assistant_message(
         "finish_reason": finish_reason,
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
+        "reused_tokens": reused_tokens,
         "first_token_seconds": first_token_seconds,
         "duration_seconds": duration_seconds,
     }

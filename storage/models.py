@@ -97,6 +97,8 @@ class Message(Base):
     finish_reason: Mapped[str | None] = mapped_column(String(32))
     prompt_tokens: Mapped[int | None]
     completion_tokens: Mapped[int | None]
+    # Prompt tokens whose KV states came from an earlier turn's cache (added in 0002).
+    reused_tokens: Mapped[int | None]
     first_token_seconds: Mapped[float | None]
     duration_seconds: Mapped[float | None]
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

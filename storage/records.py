@@ -83,6 +83,8 @@ class MessageRecord:
     finish_reason: str | None
     prompt_tokens: int | None
     completion_tokens: int | None
+    reused_tokens: int | None
+    """Prompt tokens taken from an earlier turn's KV cache; ``None`` when not recorded."""
     first_token_seconds: float | None
     duration_seconds: float | None
     created_at: datetime

@@ -128,6 +128,7 @@ class ReplyWriter:
         finish_reason: str | None = None,
         prompt_tokens: int | None = None,
         completion_tokens: int | None = None,
+        reused_tokens: int | None = None,
     ) -> MessageRecord:
         """Write the final text, status, token counts and timings."""
         if status not in _FINAL_STATUSES:
@@ -137,6 +138,7 @@ class ReplyWriter:
             finish_reason=finish_reason,
             prompt_tokens=prompt_tokens,
             completion_tokens=self._tokens if completion_tokens is None else completion_tokens,
+            reused_tokens=reused_tokens,
             first_token_seconds=self._first_token_s,
             duration_seconds=self._clock() - self._started,
         )

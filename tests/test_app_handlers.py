@@ -14,6 +14,7 @@ import storage as db
 from app.handlers import Handlers
 from app.model_slot import ModelSlot
 from app.views import model_messages
+from mipha_core.caching import PrefixKVCache
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 PARAMS = (0.0, 1.0, 24)  # temperature, top_p, max_new_tokens: greedy and short
@@ -62,6 +63,22 @@ def test_question_with_photo_streams_and_persists(h, owner):
     question, answer = stored(h, owner, conversation)
     assert question.image_sha256 and answer.status is db.MessageStatus.COMPLETE
     assert answer.completion_tokens and answer.text.strip()
+
+
+def test_second_question_reuses_the_cache_and_says_so_in_the_footer(h, owner, monkeypatch):
+    engine = h.services.model.engine()
+    # The engine outlives each test and shares cached prefixes across conversations: start empty.
+    monkeypatch.setattr(engine, "kv_cache", PrefixKVCache(2 * 1024**3, image_token_id=engine.image_token_id))
+    conversation, first_frames = ask(h, owner, "What is in this photo?", files=[photo()])
+    conversation, frames = ask(h, owner, "And what colour is it?", conversation=conversation)
+    first, second = stored(h, owner, conversation)[1::2]
+    assert not first.reused_tokens and "reused" not in first_frames[-1][-1]["content"]
+    assert 0 < second.reused_tokens < second.prompt_tokens
+    footer = frames[-1][-1]["content"]
+    assert f"{second.reused_tokens} of {second.prompt_tokens} prompt tokens reused" in footer
+    assert f"first token {second.first_token_seconds:.1f} s" in footer
+    reopened = h.open_conversation(conversation, owner)[1]
+    assert reopened[-1]["content"] == footer  # the footer is rebuilt from what was stored
 
 
 def test_stop_keeps_the_partial_reply_and_marks_it(h, owner, monkeypatch):
@@ -190,8 +207,8 @@ def test_unanswered_questions_fold_into_the_next_turn():
     def rec(position, role, text, image=None):
         return db.MessageRecord(id=position, conversation_id="c", position=position, role=role, text=text,
                                 image_sha256=image, status=db.MessageStatus.COMPLETE, finish_reason=None,
-                                prompt_tokens=None, completion_tokens=None, first_token_seconds=None,
-                                duration_seconds=None, created_at=None, updated_at=None)
+                                prompt_tokens=None, completion_tokens=None, reused_tokens=None,
+                                first_token_seconds=None, duration_seconds=None, created_at=None, updated_at=None)
 
     records = [rec(0, db.Role.USER, "old", "a" * 64), rec(1, db.Role.ASSISTANT, "ok"),
                rec(2, db.Role.USER, "new photo", "b" * 64), rec(3, db.Role.ASSISTANT, ""),

@@ -29,7 +29,7 @@ def exported(storage: st.Storage) -> tuple[st.UserRecord, st.ConversationRecord,
         )
     with st.ReplyWriter.start(storage, owner_id=user.id, conversation_id=conversation.id) as writer:
         writer.append("An orange square.")
-        writer.finish(finish_reason="stop", prompt_tokens=12, completion_tokens=4)
+        writer.finish(finish_reason="stop", prompt_tokens=12, completion_tokens=4, reused_tokens=9)
     with storage.session() as session:
         text = st.export_json(session, storage=storage, owner_id=user.id, conversation_id=conversation.id)
         conversation = st.get_conversation(session, owner_id=user.id, conversation_id=conversation.id)
@@ -60,10 +60,25 @@ def test_json_round_trip_keeps_everything(storage: st.Storage, exported) -> None
         before = st.list_messages(session, owner_id=user.id, conversation_id=original.id)
         after = st.list_messages(session, owner_id=other.id, conversation_id=imported.id)
     fields = ("position", "role", "text", "status", "finish_reason", "prompt_tokens", "completion_tokens",
-              "first_token_seconds", "duration_seconds", "created_at")
+              "reused_tokens", "first_token_seconds", "duration_seconds", "created_at")
     assert [[getattr(m, f) for f in fields] for m in after] == [[getattr(m, f) for f in fields] for m in before]
     with Image.open(st.image_path(storage, after[0].image_sha256)) as image:
         assert image.size == (64, 48)
+
+
+def test_reused_tokens_survive_finish_list_export_and_import(storage: st.Storage, exported) -> None:
+    user, original, document = exported
+    with storage.session() as session:
+        question, reply = st.list_messages(session, owner_id=user.id, conversation_id=original.id)
+    assert (question.reused_tokens, reply.reused_tokens) == (None, 9)
+    assert [m["reused_tokens"] for m in document["messages"]] == [None, 9]
+
+    imported = st.import_json(storage, owner_id=user.id, data=json.dumps(document))
+    del document["messages"][1]["reused_tokens"]  # exports from before the field existed
+    older = st.import_json(storage, owner_id=user.id, data=json.dumps(document))
+    with storage.session() as session:
+        assert st.list_messages(session, owner_id=user.id, conversation_id=imported.id)[1].reused_tokens == 9
+        assert st.list_messages(session, owner_id=user.id, conversation_id=older.id)[1].reused_tokens is None
 
 
 def test_markdown_export(storage: st.Storage, exported) -> None:
@@ -129,6 +144,8 @@ HOSTILE = {
     "text a number": lambda doc: doc["messages"][0].update(text=42),
     "huge text": lambda doc: doc["messages"][0].update(text="x" * 30_000),
     "token count a bool": lambda doc: doc["messages"][1].update(prompt_tokens=True),
+    "negative reused tokens": lambda doc: doc["messages"][1].update(reused_tokens=-1),
+    "reused tokens as text": lambda doc: doc["messages"][1].update(reused_tokens="9"),
     "negative seconds": lambda doc: doc["messages"][1].update(duration_seconds=-1),
     "path field": lambda doc: doc["messages"][0]["image"].update(path="../../x"),
     "path as image": lambda doc: doc["messages"][0]["image"].update(data_uri="../../x"),
