@@ -20,10 +20,10 @@ from typing import Any
 import gradio as gr
 
 import storage as db
-from app.model_slot import ModelNotReadyError
+from app.model_slot import ModelNotReadyError, ModelState
 from app.services import Services
 from app.views import chatbot_messages, conversation_choices, model_messages
-from mipha_core import ContextOverflowError, MiphaError
+from mipha_core import CacheKey, ContextOverflowError, MiphaError
 from mipha_core.images import load_image
 
 log = logging.getLogger(__name__)
@@ -119,6 +119,8 @@ class Handlers:
         self.services.cancels.cancel(owner_id, conversation_id)
         with _user_errors(), self.storage.session() as s:
             db.delete_conversation(s, owner_id=owner_id, conversation_id=conversation_id)
+        if self.services.model.status().state is ModelState.READY:
+            self.services.model.engine().forget(_cache_key(owner_id, conversation_id))
 
     def remember_settings(self, conversation_id: str | None, owner_id: int | None,
                           temperature: float, top_p: float, max_new_tokens: int) -> None:
@@ -214,7 +216,7 @@ class Handlers:
                              ) -> Iterator[list[dict]]:
         try:
             stream = engine.stream(messages, max_new_tokens=params.max_new_tokens, temperature=params.temperature,
-                                   top_p=params.top_p, cancel=cancel)
+                                   top_p=params.top_p, cancel=cancel, cache=_cache_key(owner_id, conversation_id))
         except ContextOverflowError as e:
             with self.storage.session() as s:  # the unanswerable question goes; its text is in the error
                 db.delete_messages_from(s, owner_id=owner_id, conversation_id=conversation_id,
@@ -284,6 +286,11 @@ class Handlers:
             raise gr.Error(f"{path.name} is not a photo this app can read: {e}") from e
         except db.StorageError as e:
             raise gr.Error(str(e)) from e
+
+
+def _cache_key(owner_id: int, conversation_id: str) -> CacheKey:
+    """Caches are kept per conversation and shared only among one person's conversations."""
+    return CacheKey(owner=str(owner_id), conversation=conversation_id)
 
 
 def _growing(message: db.MessageRecord, text: str) -> db.MessageRecord:

@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from bench.memory import PeakMemory, read_bandwidth, resident_memory
-from mipha_core import load_engine
+from mipha_core import CacheKey, load_engine
 from mipha_core.engine import CacheSettings, Engine
 from mipha_core.tiny import MIPHA_3B, write_tiny_checkpoint
 
@@ -79,7 +79,7 @@ def converse(engine: Engine, *, turns: int, reply_tokens: int) -> list[TurnFigur
         if index == 0:
             content.insert(0, {"type": "image", "image": image})
         messages.append({"role": "user", "content": content})
-        reply = engine.stream(messages, max_new_tokens=reply_tokens, temperature=0)
+        reply = engine.stream(messages, max_new_tokens=reply_tokens, temperature=0, cache=CacheKey("bench", "chat"))
         text = reply.text()
         stats = reply.stats
         figures.append(TurnFigures(

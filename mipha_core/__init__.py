@@ -9,6 +9,7 @@ Nothing here imports a UI or a database. Typical use::
     reply.stats.finish_reason                          # "stop", "length" or "cancelled"
 """
 
+from mipha_core.caching import CacheKey
 from mipha_core.engine import CacheSettings, Engine, PreparedPrompt
 from mipha_core.errors import (
     ContextOverflowError,
@@ -26,7 +27,7 @@ from mipha_core.loading import DEFAULT_MODEL, TINY_MODEL, load_engine
 from mipha_core.streaming import GenerationOutOfMemoryError, ReplyStats, ReplyStream
 
 __all__ = [
-    "DEFAULT_MODEL", "TINY_MODEL", "CacheSettings", "ContextOverflowError", "Engine", "GenerationOutOfMemoryError",
+    "DEFAULT_MODEL", "TINY_MODEL", "CacheKey", "CacheSettings", "ContextOverflowError", "Engine", "GenerationOutOfMemoryError",
     "GenerationParams", "ImageError", "ImageTooLargeError", "InvalidGenerationParamsError", "InvalidImageError",
     "InvalidMessagesError", "MiphaError", "ModelLoadError", "PreparedPrompt", "ReplyStats", "ReplyStream",
     "UnsupportedModelError", "load_engine", "load_image",

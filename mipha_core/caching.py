@@ -1,12 +1,12 @@
 """Caches that make follow-up questions fast: KV caches by token prefix, image features by hash.
 
-A conversation about a photo is a growing prefix. After each reply the KV cache (prompt and
-reply tokens) is kept; the next request reuses the longest cached prefix of its own token
-ids, so only the new question is prefilled. Because reuse is decided by comparing token ids
-(and the identity of the image behind the image tokens), anything that changes the prefix —
-regenerating, editing, a new image, turns dropped for the context window — reuses only the
-part that is still the same. Both caches are LRUs bounded in bytes; eviction only costs a
-rebuild.
+A conversation about a photo is a growing prefix. After each reply the conversation's KV
+cache (prompt and reply tokens) is kept; the next request reuses the prefix its own token ids
+share with it, so only the new question is prefilled. Because reuse is decided by comparing
+token ids (and the identity of the image behind the image tokens), anything that changes the
+prefix — regenerating, editing, a new image, turns dropped for the context window — reuses
+only the part that is still the same. Both caches are LRUs bounded in bytes; eviction only
+costs a rebuild.
 """
 
 from __future__ import annotations
@@ -70,11 +70,12 @@ class ByteBoundedLRU(Generic[Value]):
 
 
 @dataclass(frozen=True)
-class PromptKey:
-    """Token ids of a cached prefix and the image its image tokens stand for."""
+class CacheKey:
+    """Whose caches a reply may use: KV caches are kept per conversation, photo features per
+    owner, so one person's photos and questions never speed up (or show up in) another's."""
 
-    token_ids: tuple[int, ...]
-    image_key: str | None
+    owner: str
+    conversation: str
 
 
 @dataclass(frozen=True)
@@ -85,48 +86,62 @@ class CacheHit:
     reused_tokens: int
 
 
+@dataclass(frozen=True)
+class _Entry:
+    token_ids: tuple[int, ...]
+    image_key: str | None
+    cache: DynamicCache
+
+
 class PrefixKVCache:
-    """KV caches keyed by the tokens they hold. ``take`` removes the entry it returns, so two
-    requests never extend the same cache; the caller ``put``s the grown cache back."""
+    """The KV cache of each conversation's last reply, keyed by conversation.
+
+    ``take`` removes the conversation's entry and crops it to the prefix the new prompt shares
+    with it (the conversation has moved on, so the rest is stale); the caller ``put``s the grown
+    cache back after the reply.
+    """
 
     def __init__(self, max_bytes: int, *, image_token_id: int) -> None:
-        self._store: ByteBoundedLRU[DynamicCache] = ByteBoundedLRU(max_bytes)
+        self._store: ByteBoundedLRU[_Entry] = ByteBoundedLRU(max_bytes)
         self._image_token_id = image_token_id
 
     @property
     def nbytes(self) -> int:
         return self._store.nbytes
 
-    def take(self, token_ids: Sequence[int], image_key: str | None) -> CacheHit | None:
-        """The cache sharing the longest prefix with ``token_ids``, cropped to that prefix.
+    def __len__(self) -> int:
+        return len(self._store)
+
+    def take(self, key: CacheKey, token_ids: Sequence[int], image_key: str | None) -> CacheHit | None:
+        """The conversation's cache cropped to the prefix it shares with ``token_ids``.
 
         At least one token is always left to prefill, since the next token's logits come
         from the last prompt position.
         """
-        best_key, best_length = None, 0
-        for key, _ in self._store.items():
-            length = self._reusable_length(key, token_ids, image_key)
-            if length > best_length:
-                best_key, best_length = key, length
-        if best_key is None:
+        entry = self._store.pop(key)
+        if entry is None:
             return None
-        cache = self._store.pop(best_key)
-        if cache is None:
+        length = self._reusable_length(entry, token_ids, image_key)
+        if length == 0:
             return None
-        cache.crop(best_length - cache.get_seq_length())
-        return CacheHit(cache=cache, reused_tokens=best_length)
+        entry.cache.crop(length - entry.cache.get_seq_length())
+        return CacheHit(cache=entry.cache, reused_tokens=length)
 
-    def put(self, token_ids: Sequence[int], image_key: str | None, cache: DynamicCache) -> None:
-        """Keep ``cache``, which holds the KV states of exactly ``token_ids``."""
+    def put(self, key: CacheKey, token_ids: Sequence[int], image_key: str | None, cache: DynamicCache) -> None:
+        """Keep ``cache``, which holds the KV states of exactly ``token_ids``, for ``key``."""
         if cache.get_seq_length() != len(token_ids):
             raise ValueError(f"cache holds {cache.get_seq_length()} tokens but {len(token_ids)} ids were given")
-        key = PromptKey(token_ids=tuple(token_ids), image_key=image_key)
-        self._store.put(key, cache, _cache_nbytes(cache))
+        entry = _Entry(token_ids=tuple(token_ids), image_key=image_key, cache=cache)
+        self._store.put(key, entry, _cache_nbytes(cache))
 
-    def _reusable_length(self, key: PromptKey, token_ids: Sequence[int], image_key: str | None) -> int:
-        common = _common_prefix_length(key.token_ids, token_ids)
-        if key.image_key != image_key and self._image_token_id in key.token_ids[:common]:
-            common = key.token_ids.index(self._image_token_id)
+    def forget(self, key: CacheKey) -> None:
+        """Free a conversation's cache (e.g. when it is deleted)."""
+        self._store.pop(key)
+
+    def _reusable_length(self, entry: _Entry, token_ids: Sequence[int], image_key: str | None) -> int:
+        common = _common_prefix_length(entry.token_ids, token_ids)
+        if entry.image_key != image_key and self._image_token_id in entry.token_ids[:common]:
+            common = entry.token_ids.index(self._image_token_id)
         return min(common, len(token_ids) - 1)
 
 

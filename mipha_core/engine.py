@@ -14,7 +14,7 @@ from PIL import Image
 from transformers import PreTrainedTokenizerBase, StoppingCriteriaList
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from mipha_core.caching import ByteBoundedLRU, PrefixKVCache, image_key
+from mipha_core.caching import ByteBoundedLRU, CacheKey, PrefixKVCache, image_key
 from mipha_core.conversation import Turn, turns_from_messages
 from mipha_core.errors import ContextOverflowError
 from mipha_core.generation import CancelCriteria, CountingTextStreamer, GenerationParams
@@ -129,24 +129,30 @@ class Engine:
         temperature: float = 0.2,
         top_p: float = 1.0,
         cancel: threading.Event | None = None,
+        cache: CacheKey | None = None,
     ) -> ReplyStream:
         """Start a reply to the last user message; iterate the result for text.
 
-        Raises ``ContextOverflowError`` here, before any generation, when the last question
-        cannot fit. See ``ReplyStream`` for cancellation and for the figures in ``stats``.
+        With ``cache``, the reply reuses the KV cache that conversation's previous reply left
+        and the owner's cached photo features, and leaves its own for the next question;
+        without, nothing is reused or kept. Raises ``ContextOverflowError`` here, before any
+        generation, when the last question cannot fit. See ``ReplyStream`` for cancellation and
+        for the figures in ``stats``.
         """
         params = GenerationParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
         prepared = self.prepare(messages, max_new_tokens=params.max_new_tokens)
         cancel = cancel or threading.Event()
         config = params.to_generation_config(end_token_id=self.end_token_id, suppressed_ids=self.suppressed_ids)
         image_hash = image_key(prepared.image) if prepared.image is not None else None
-        hit = self.kv_cache.take(prepared.token_ids, image_hash)
+        hit = self.kv_cache.take(cache, prepared.token_ids, image_hash) if cache else None
         reused = hit.reused_tokens if hit else 0
 
         def run(streamer: CountingTextStreamer) -> torch.Tensor:
             inputs = self._text_inputs(prepared.token_ids)
             if prepared.image is not None and reused <= prepared.token_ids.index(self.image_token_id):
-                features = self._image_features(prepared.image, image_hash, streamer)
+                features = self._image_features(
+                    prepared.image, image_hash=image_hash, owner=cache.owner if cache else None, streamer=streamer
+                )
                 inputs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=[features])}
             output = self.model.generate(
                 **inputs,
@@ -155,8 +161,9 @@ class Engine:
                 streamer=streamer,
                 stopping_criteria=StoppingCriteriaList([CancelCriteria(cancel)]),
             )
-            cache = output.past_key_values
-            self.kv_cache.put(output.sequences[0, : cache.get_seq_length()].tolist(), image_hash, cache)
+            if cache is not None:
+                grown = output.past_key_values
+                self.kv_cache.put(cache, output.sequences[0, : grown.get_seq_length()].tolist(), image_hash, grown)
             return output.sequences
 
         return ReplyStream(
@@ -170,16 +177,24 @@ class Engine:
             end_token_id=self.end_token_id,
         )
 
-    def _image_features(self, image: Image.Image, key: str, streamer: CountingTextStreamer) -> torch.Tensor:
-        """Projected features of ``image`` (``(image_tokens, hidden)``), from the cache when seen before."""
-        cached = self.image_features.get(key)
+    def forget(self, cache: CacheKey) -> None:
+        """Free the KV cache kept for a conversation, e.g. when it is deleted."""
+        self.kv_cache.forget(cache)
+
+    def _image_features(
+        self, image: Image.Image, *, image_hash: str, owner: str | None, streamer: CountingTextStreamer
+    ) -> torch.Tensor:
+        """Projected features of ``image`` (``(image_tokens, hidden)``), cached per owner and photo."""
+        key = (owner, image_hash)
+        cached = self.image_features.get(key) if owner is not None else None
         if cached is not None:
             return cached
         started = time.perf_counter()
         with torch.no_grad():
             features = self.model.model.get_image_features(pixel_values=self._pixel_values(image)).pooler_output[0]
         streamer.vision_seconds = time.perf_counter() - started
-        self.image_features.put(key, features, features.numel() * features.element_size())
+        if owner is not None:
+            self.image_features.put(key, features, features.numel() * features.element_size())
         return features
 
     def _turn_to_drop(self, kept: list[int], image_turn: int | None, prompt_tokens: int, room: int) -> int:

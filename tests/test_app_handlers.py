@@ -14,7 +14,6 @@ import storage as db
 from app.handlers import Handlers
 from app.model_slot import ModelSlot
 from app.views import model_messages
-from mipha_core.caching import PrefixKVCache
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 PARAMS = (0.0, 1.0, 24)  # temperature, top_p, max_new_tokens: greedy and short
@@ -65,10 +64,7 @@ def test_question_with_photo_streams_and_persists(h, owner):
     assert answer.completion_tokens and answer.text.strip()
 
 
-def test_second_question_reuses_the_cache_and_says_so_in_the_footer(h, owner, monkeypatch):
-    engine = h.services.model.engine()
-    # The engine outlives each test and shares cached prefixes across conversations: start empty.
-    monkeypatch.setattr(engine, "kv_cache", PrefixKVCache(2 * 1024**3, image_token_id=engine.image_token_id))
+def test_second_question_reuses_the_cache_and_says_so_in_the_footer(h, owner):
     conversation, first_frames = ask(h, owner, "What is in this photo?", files=[photo()])
     conversation, frames = ask(h, owner, "And what colour is it?", conversation=conversation)
     first, second = stored(h, owner, conversation)[1::2]
@@ -191,8 +187,11 @@ def test_conversations_are_private_listed_renamed_searched_and_deleted(h, owner)
     assert h.conversation_list(owner, "giraffe")["choices"] == []
     with pytest.raises(gr.Error):
         h.delete(conversation, stranger)
+    engine = h.services.model.engine()
+    cached_before = len(engine.kv_cache)
     h.delete(conversation, owner)
     assert h.conversation_list(owner)["choices"] == []
+    assert len(engine.kv_cache) == cached_before - 1  # its KV cache is freed with it
 
 
 def test_generation_settings_are_remembered_per_conversation(h, owner):
