@@ -13,6 +13,7 @@ from safetensors import SafetensorError
 from transformers import AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerBase
 
 from mipha_core.checkpoint import KEY_MAPPING, MiphaCheckpointConfig, read_checkpoint_config
+from mipha_core.cpu_quantization import quantize_linears
 from mipha_core.devices import choose_device, choose_dtype
 from mipha_core.engine import CacheSettings, Engine
 from mipha_core.errors import ModelLoadError
@@ -126,6 +127,7 @@ def _load_model(
 ) -> MiphaForConditionalGeneration:
     if not any(folder.glob("*.safetensors")):
         raise ModelLoadError(f"{folder} has no .safetensors weights: download the model again")
+    packed_on_cpu = quantization is not None and uses_packed_cpu_kernels(device, dtype)
     try:
         model = MiphaForConditionalGeneration.from_pretrained(
             folder,
@@ -133,7 +135,7 @@ def _load_model(
             key_mapping=KEY_MAPPING,
             dtype=dtype,
             device_map={"": str(device)},
-            quantization_config=_quantization_config(quantization, dtype),
+            quantization_config=None if packed_on_cpu else _quantization_config(quantization, dtype),
         )
     except (torch.OutOfMemoryError, MemoryError) as error:
         raise ModelLoadError(f"out of memory while loading the model on {device}: try --load-8bit or --load-4bit") from error
@@ -141,7 +143,16 @@ def _load_model(
         if "out of memory" in str(error).lower():
             raise ModelLoadError(f"out of memory while loading the model on {device}: try --load-8bit or --load-4bit") from error
         raise ModelLoadError(f"the weights in {folder} could not be loaded ({error}): download the model again") from error
+    if packed_on_cpu:
+        replaced = quantize_linears(model.model.language_model, bits=8 if quantization == "8bit" else 4)
+        logger.info("quantized %d language-model layers to %s with torch's packed CPU kernels", replaced, quantization)
     return model.eval()
+
+
+def uses_packed_cpu_kernels(device: torch.device, dtype: torch.dtype) -> bool:
+    """On a CPU computing in bf16, torch's packed int8/int4 kernels decode 2-5x faster than
+    bf16 and bitsandbytes (see ``cpu_quantization``); elsewhere bitsandbytes is used."""
+    return device.type == "cpu" and dtype == torch.bfloat16
 
 
 def _quantization_config(quantization: Quantization | None, dtype: torch.dtype) -> BitsAndBytesConfig | None:

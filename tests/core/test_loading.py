@@ -107,15 +107,31 @@ def test_missing_tokenizer_is_reported(checkpoint_copy):
 
 
 @pytest.mark.parametrize(("quantization", "storage_dtype"), [("8bit", torch.int8), ("4bit", torch.uint8)])
-def test_quantized_loads_hold_integer_weights_and_stream(tiny_checkpoint, quantization, storage_dtype, photo, capfd):
-    engine = load_engine(str(tiny_checkpoint), device="cpu", quantization=quantization)
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_quantized_loads_hold_integer_weights_and_stream(tiny_checkpoint, quantization, storage_dtype, dtype, photo, capfd):
+    """bf16 on the CPU takes torch's packed kernels, other dtypes bitsandbytes: both really quantize."""
+    engine = load_engine(str(tiny_checkpoint), device="cpu", dtype=dtype, quantization=quantization)
     layer = engine.model.model.language_model.layers[0]
     assert layer.mlp.fc1.weight.dtype == storage_dtype
     assert layer.self_attn.q_proj.weight.dtype == storage_dtype
+    packed = "WeightOnlyLinear" in type(layer.mlp.fc1).__name__
+    assert packed == (dtype == "bfloat16")
     reply = engine.stream([user("What is this?", photo)], max_new_tokens=16, temperature=0)
     assert reply.text()
     assert reply.stats.completion_tokens == 16
     assert "MatMul8bitLt" not in "".join(capfd.readouterr())
+
+
+@pytest.mark.parametrize(("quantization", "tolerance"), [("8bit", 0.02), ("4bit", 0.2)])
+def test_packed_cpu_quantization_stays_close_to_bf16(tiny_checkpoint, quantization, tolerance, photo):
+    full = load_engine(str(tiny_checkpoint), device="cpu", dtype="bfloat16")
+    quantized = load_engine(str(tiny_checkpoint), device="cpu", dtype="bfloat16", quantization=quantization)
+    for messages in ([user("What is this?", photo)], [user("A longer question about the photo " * 3, photo)]):
+        inputs = full.encode(messages)
+        with torch.no_grad():
+            reference = full.model(**inputs).logits[0, -1].float()
+            logits = quantized.model(**inputs).logits[0, -1].float()
+        assert float((logits - reference).norm() / reference.norm()) < tolerance
 
 
 def test_importing_the_core_pulls_in_no_ui_or_database():

@@ -111,3 +111,13 @@ def test_malformed_messages_are_refused(engine):
         engine.encode([user("Hi"), assistant("Hello")])
     with pytest.raises(InvalidMessagesError, match="alternate"):
         engine.encode([assistant("Hello"), user("Hi")])
+
+
+def test_rows_past_the_tokenizer_are_never_generated(tiny_checkpoint):
+    engine = load_engine(str(tiny_checkpoint), device="cpu", dtype="float32")
+    beyond = len(engine.tokenizer) + 3
+    with torch.no_grad():
+        engine.model.lm_head.bias[beyond] = 1e4
+    reply = engine.stream([user("Hi")], max_new_tokens=8, temperature=0)
+    assert reply.text().strip()
+    assert reply.stats.completion_tokens == 8
