@@ -64,10 +64,6 @@ class ByteBoundedLRU(Generic[Value]):
             while sum(size for _, size in self._entries.values()) > self.max_bytes:
                 self._entries.popitem(last=False)
 
-    def items(self) -> list[tuple[object, Value]]:
-        with self._lock:
-            return [(key, value) for key, (value, _) in self._entries.items()]
-
 
 @dataclass(frozen=True)
 class CacheKey:
