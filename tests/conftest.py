@@ -2,20 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-ARTIFACTS = REPO / "test-artifacts"
+from tests.app_process import ARTIFACTS, running_app
+
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -52,50 +45,13 @@ def app_services(tmp_path: Path, app_tiny_engine):
 # --- browser fixtures: the real app in a subprocess and headless Chromium ----------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_for_http(url: str, process: subprocess.Popen, *, timeout: float, log: Path) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"the app exited with {process.returncode}:\n{log.read_text()[-4000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            time.sleep(0.3)
-    raise RuntimeError(f"the app did not answer at {url} within {timeout} s:\n{log.read_text()[-4000:]}")
-
-
 @pytest.fixture(scope="module")
 def app_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """`launch.py --model tiny` on a free localhost port; yields its URL."""
     data_dir = tmp_path_factory.mktemp("app-data")
-    port = _free_port()
-    log = data_dir / "server.log"
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
-           "MIPHA_MAX_NEW_TOKENS": "1024"}  # replies of up to 512 tokens: seconds, time to press Stop
-    with log.open("w") as out:
-        process = subprocess.Popen(
-            [sys.executable, "launch.py", "--model", "tiny", "--device", "cpu", "--data-dir", str(data_dir),
-             "--port", str(port)], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        _wait_for_http(url, process, timeout=120, log=log)
-        yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        ARTIFACTS.mkdir(exist_ok=True)
-        (ARTIFACTS / "browser-server.log").write_text(log.read_text())
+    # replies of up to 512 tokens: seconds, time to press Stop
+    with running_app(data_dir, env={"MIPHA_MAX_NEW_TOKENS": "1024"}, name="browser-server") as app:
+        yield app.url
 
 
 @pytest.fixture(scope="module")
