@@ -9,6 +9,7 @@ Each handler takes plain values (what the components hold) and returns plain val
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 import threading
 from collections.abc import Iterator
@@ -18,10 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
+from PIL import Image
 
 import storage as db
+from app.access import MIN_BROWSER_SECRET_CHARS, identity_for, owner_id_for
 from app.model_slot import ModelNotReadyError, ModelState
 from app.services import Services
+from app.text_input import clean_text
+from app.uploads import discard_upload
 from app.views import chatbot_messages, conversation_choices, model_messages
 from mipha_core import CacheKey, ContextOverflowError, MiphaError
 from mipha_core.images import load_image
@@ -31,6 +36,7 @@ log = logging.getLogger(__name__)
 DEFAULT_TEMPERATURE = 0.2
 DEFAULT_TOP_P = 1.0
 DEFAULT_MAX_NEW_TOKENS = 512
+_PHOTO_STAND_IN = Image.new("RGB", (1, 1))
 
 
 @dataclass(frozen=True)
@@ -43,17 +49,37 @@ class GenerationSettings:
 
     @classmethod
     def from_stored(cls, stored: dict[str, Any], *, max_new_tokens: int) -> GenerationSettings:
+        """Settings kept with a conversation, brought within today's bounds."""
+        return cls.bounded(stored.get("temperature", DEFAULT_TEMPERATURE), stored.get("top_p", DEFAULT_TOP_P),
+                           stored.get("max_new_tokens", max_new_tokens), limit=max_new_tokens)
+
+    @classmethod
+    def bounded(cls, temperature: Any, top_p: Any, max_new_tokens: Any, *, limit: int) -> GenerationSettings:
+        """Values from the page or the database, clamped to the sliders' ranges; defaults for junk."""
         try:
-            return cls(
-                temperature=min(max(float(stored.get("temperature", DEFAULT_TEMPERATURE)), 0.0), 2.0),
-                top_p=min(max(float(stored.get("top_p", DEFAULT_TOP_P)), 0.05), 1.0),
-                max_new_tokens=min(int(stored.get("max_new_tokens", max_new_tokens)), max_new_tokens),
-            )
-        except (TypeError, ValueError):
-            return cls(max_new_tokens=max_new_tokens)
+            values = (float(temperature), float(top_p), int(max_new_tokens))
+        except (TypeError, ValueError, OverflowError):
+            return cls(max_new_tokens=limit)
+        if not all(math.isfinite(v) for v in values):
+            return cls(max_new_tokens=limit)
+        return cls(temperature=min(max(values[0], 0.0), 2.0), top_p=min(max(values[1], 0.05), 1.0),
+                   max_new_tokens=min(max(values[2], 1), limit))
 
     def as_dict(self) -> dict[str, float | int]:
         return {"temperature": self.temperature, "top_p": self.top_p, "max_new_tokens": self.max_new_tokens}
+
+
+@dataclass(frozen=True)
+class DraftQuestion:
+    """A question not stored yet, shaped like the stored messages `model_messages` reads."""
+
+    text: str
+    has_photo: bool
+    role: db.Role = db.Role.USER
+
+    @property
+    def image_sha256(self) -> str | None:
+        return "draft-photo" if self.has_photo else None
 
 
 class Handlers:
@@ -67,31 +93,29 @@ class Handlers:
     # --- identity --------------------------------------------------------------------------
 
     def identify(self, secret: str | None, *, username: str | None = None, oauth_username: str | None = None
-                 ) -> tuple[str, int]:
-        """The browser secret to keep and the owner id: login name first, then OAuth, then browser."""
-        if not isinstance(secret, str) or len(secret) < 32:
+                 ) -> tuple[str, int | None]:
+        """At page load: the browser secret to keep (a new one when missing) and the owner id."""
+        if not isinstance(secret, str) or len(secret) < MIN_BROWSER_SECRET_CHARS:
             secret = secrets.token_urlsafe(32)
-        with self.storage.session() as s:
-            if username:
-                user = db.user_for_password_login(s, username=username)
-            elif oauth_username:
-                user = db.user_for_oauth(s, username=oauth_username)
-            else:
-                user = db.user_for_browser_secret(s, secret=secret)
-        return secret, user.id
+        return secret, self.owner(secret, username=username, oauth_username=oauth_username)
+
+    def owner(self, secret: str | None, *, username: str | None, oauth_username: str | None) -> int | None:
+        """The owner this request proves (see `app.access`); None when it proves none."""
+        identity = identity_for(login_required=bool(self.settings.auth), username=username,
+                                oauth_username=oauth_username, browser_secret=secret)
+        with _user_errors():
+            return owner_id_for(self.storage, identity)
 
     # --- sidebar ---------------------------------------------------------------------------
 
-    def conversation_list(self, owner_id: int | None, query: str = "", *, selected: str | None = None
-                          ) -> dict[str, Any]:
+    def conversation_list(self, owner_id: int | None, query: str = "", selected: str | None = None) -> dict[str, Any]:
         if owner_id is None:
             return gr.update(choices=[], value=None)
-        with self.storage.session() as s:
-            conversations = db.list_conversations(s, owner_id=owner_id, query=query.strip() or None)
+        with _user_errors(), self.storage.session() as s:
+            conversations = db.list_conversations(s, owner_id=owner_id, query=clean_text(query).strip() or None)
         return gr.update(choices=conversation_choices(conversations), value=selected)
 
-    def open_conversation(self, conversation_id: str | None, owner_id: int | None
-                          ) -> tuple[str | None, list[dict], float, float, int, str]:
+    def open_conversation(self, owner_id: int | None, conversation_id: str | None) -> tuple[str | None, list[dict], float, float, int, str]:
         """Selected in the sidebar: its id, messages, generation settings and title."""
         if not conversation_id or owner_id is None:
             return self.new_chat()
@@ -107,13 +131,13 @@ class Handlers:
         params = GenerationSettings(max_new_tokens=min(DEFAULT_MAX_NEW_TOKENS, self.settings.max_new_tokens))
         return None, [], params.temperature, params.top_p, params.max_new_tokens, ""
 
-    def rename(self, conversation_id: str | None, owner_id: int | None, title: str) -> None:
+    def rename(self, owner_id: int | None, conversation_id: str | None, title: str) -> None:
         if not conversation_id or owner_id is None:
             raise gr.Error("Open a conversation first, then rename it.")
         with _user_errors(), self.storage.session() as s:
-            db.rename_conversation(s, owner_id=owner_id, conversation_id=conversation_id, title=title)
+            db.rename_conversation(s, owner_id=owner_id, conversation_id=conversation_id, title=clean_text(title))
 
-    def delete(self, conversation_id: str | None, owner_id: int | None) -> None:
+    def delete(self, owner_id: int | None, conversation_id: str | None) -> None:
         if not conversation_id or owner_id is None:
             raise gr.Error("Open a conversation first, then delete it.")
         self.services.cancels.cancel(owner_id, conversation_id)
@@ -122,23 +146,24 @@ class Handlers:
         if self.services.model.status().state is ModelState.READY:
             self.services.model.engine().forget(_cache_key(owner_id, conversation_id))
 
-    def remember_settings(self, conversation_id: str | None, owner_id: int | None,
+    def remember_settings(self, owner_id: int | None, conversation_id: str | None,
                           temperature: float, top_p: float, max_new_tokens: int) -> None:
         if not conversation_id or owner_id is None:
             return
-        params = GenerationSettings(float(temperature), float(top_p), int(max_new_tokens))
+        params = GenerationSettings.bounded(temperature, top_p, max_new_tokens, limit=self.settings.max_new_tokens)
         with _user_errors(), self.storage.session() as s:
             db.update_conversation_settings(s, owner_id=owner_id, conversation_id=conversation_id,
                                             settings=params.as_dict())
 
     # --- chat ------------------------------------------------------------------------------
 
-    def submit(self, message: dict | None, conversation_id: str | None, owner_id: int | None,
+    def submit(self, owner_id: int | None, message: dict | None, conversation_id: str | None,
                temperature: float, top_p: float, max_new_tokens: int) -> tuple[str, list[dict]]:
         """Check and store the question (and photo); the reply streams in `reply`.
 
-        Raises `gr.Error` (the text stays in the box) for an empty or too-long message, a file
-        that is not a usable image, or a model that is not ready.
+        Every refusal happens before anything is stored and raises `gr.Error`, so the text and
+        photo stay in the box: an empty or too-long message, a question that cannot fit in the
+        model's window, a file that is not a usable image, a model that is not ready.
         """
         if owner_id is None:
             raise gr.Error("The page is still starting; try again in a second.")
@@ -150,9 +175,11 @@ class Handlers:
                            f"{self.settings.max_message_chars}. Shorten it or split it into several messages.")
         if len(files) > 1:
             raise gr.Error("Add one photo per message: the model looks at one image at a time.")
-        self._model_or_error()
+        engine = self._model_or_error()
+        params = GenerationSettings.bounded(temperature, top_p, max_new_tokens, limit=self.settings.max_new_tokens)
+        earlier = self._messages(owner_id, conversation_id) if conversation_id else []
+        self._check_fits(engine, [*earlier, DraftQuestion(text=text, has_photo=bool(files))], params)
         image = self._save_upload(Path(files[0])) if files else None
-        params = GenerationSettings(float(temperature), float(top_p), int(max_new_tokens))
         with _user_errors(), self.storage.session() as s:
             if conversation_id is None:
                 conversation = db.create_conversation(
@@ -161,7 +188,6 @@ class Handlers:
             else:
                 db.update_conversation_settings(s, owner_id=owner_id, conversation_id=conversation_id,
                                                 settings=params.as_dict())
-            earlier = db.list_messages(s, owner_id=owner_id, conversation_id=conversation_id)
             db.add_user_message(s, owner_id=owner_id, conversation_id=conversation_id, text=text,
                                 image_sha256=image.sha256 if image else None)
             records = db.list_messages(s, owner_id=owner_id, conversation_id=conversation_id)
@@ -170,7 +196,23 @@ class Handlers:
         self.services.cancels.new(owner_id, conversation_id)
         return conversation_id, self.show(records)
 
-    def prepare_regenerate(self, conversation_id: str | None, owner_id: int | None) -> list[dict]:
+    def _messages(self, owner_id: int, conversation_id: str) -> list[db.MessageRecord]:
+        with _user_errors(), self.storage.session() as s:
+            return db.list_messages(s, owner_id=owner_id, conversation_id=conversation_id)
+
+    def _check_fits(self, engine, records, params: GenerationSettings) -> None:
+        """Refuse, before anything is stored, a question the model's window cannot hold.
+
+        Only the prompt's length matters here, so every photo is stood in for by a blank one:
+        no photo is decoded and the vision tower does not run.
+        """
+        messages = model_messages(records, load_image=lambda _sha256: _PHOTO_STAND_IN)
+        try:
+            engine.prepare(messages, max_new_tokens=params.max_new_tokens)
+        except ContextOverflowError as e:
+            raise gr.Error(f"{_sentence(str(e))} Your text is still in the box.") from e
+
+    def prepare_regenerate(self, owner_id: int | None, conversation_id: str | None) -> list[dict]:
         """Remove the last reply so that `reply` writes a new one."""
         if not conversation_id or owner_id is None:
             raise gr.Error("There is no reply to regenerate yet: ask a question first.")
@@ -186,7 +228,7 @@ class Handlers:
         self.services.cancels.new(owner_id, conversation_id)
         return self.show(records)
 
-    def reply(self, conversation_id: str | None, owner_id: int | None,
+    def reply(self, owner_id: int | None, conversation_id: str | None,
               temperature: float, top_p: float, max_new_tokens: int) -> Iterator[list[dict]]:
         """Stream the answer to the conversation's last question, persisting it as it grows.
 
@@ -203,7 +245,7 @@ class Handlers:
             if not records or records[-1].role is not db.Role.USER:
                 return
             messages = model_messages(records, load_image=self._load_image)
-            params = GenerationSettings(float(temperature), float(top_p), int(max_new_tokens))
+            params = GenerationSettings.bounded(temperature, top_p, max_new_tokens, limit=self.settings.max_new_tokens)
             shown = self.show(records)
             yield from self._stream_into_storage(engine, messages, params, cancel, records, shown,
                                                  conversation_id=conversation_id, owner_id=owner_id)
@@ -246,7 +288,7 @@ class Handlers:
                               completion_tokens=stats.completion_tokens, reused_tokens=stats.reused_tokens)
         yield shown + chatbot_messages([writer.message], image_file=self._image_file)
 
-    def stop(self, conversation_id: str | None, owner_id: int | None) -> None:
+    def stop(self, owner_id: int | None, conversation_id: str | None) -> None:
         """Stop this conversation's reply within a token; the partial text is kept and marked."""
         if conversation_id and owner_id is not None:
             self.services.cancels.cancel(owner_id, conversation_id)
@@ -272,20 +314,31 @@ class Handlers:
             raise gr.Error(str(e)) from e
 
     def _save_upload(self, path: Path) -> db.ImageRecord:
+        """Store the cleaned photo; the original upload (with its EXIF and GPS) is deleted."""
         limit = self.storage.limits.max_image_bytes
         try:
             size = path.stat().st_size
         except OSError as e:
             raise gr.Error("The upload did not arrive completely; add the photo again.") from e
         if size > limit:
-            raise gr.Error(f"{path.name} is {size / 1e6:.1f} MB; the limit is {limit / 1e6:.0f} MB. "
+            discard_upload(path)
+            raise gr.Error(f"The photo is {size / 1e6:.1f} MB; the limit is {limit / 1e6:.0f} MB. "
                            "Use a smaller or more compressed photo.")
         try:
-            return db.save_image(self.storage, path.read_bytes())
+            record = db.save_image(self.storage, path.read_bytes())
         except db.InvalidImageError as e:
-            raise gr.Error(f"{path.name} is not a photo this app can read: {e}") from e
-        except db.StorageError as e:
+            discard_upload(path)
+            raise gr.Error("That file is not a photo this app can read: send a JPEG, PNG, WebP, GIF, BMP, HEIC "
+                           "or AVIF photo.") from e
+        except db.LimitExceededError as e:
+            discard_upload(path)
             raise gr.Error(str(e)) from e
+        except db.StorageError as e:  # e.g. a full disk: keep the upload so that sending again works
+            raise gr.Error(str(e)) from e
+        except OSError as e:
+            raise gr.Error("The upload did not arrive completely; add the photo again.") from e
+        discard_upload(path)
+        return record
 
 
 def _cache_key(owner_id: int, conversation_id: str) -> CacheKey:
@@ -299,12 +352,22 @@ def _growing(message: db.MessageRecord, text: str) -> db.MessageRecord:
 
 
 def _message_parts(message: dict | str | None) -> tuple[str, list[str]]:
+    """The text (cleaned, see `clean_text`) and file paths of the composer's value."""
     if message is None:
         return "", []
     if isinstance(message, str):
-        return message, []
+        return clean_text(message), []
     files = [f if isinstance(f, str) else f.get("path", "") for f in message.get("files") or []]
-    return message.get("text") or "", [f for f in files if f]
+    return clean_text(message.get("text") or ""), [f for f in files if isinstance(f, str) and f]
+
+
+def _sentence(text: str) -> str:
+    """`text` as a sentence for a person: capitalised, ending with a full stop."""
+    text = text.strip()
+    if not text:
+        return text
+    text = text[0].upper() + text[1:]
+    return text if text.endswith((".", "!", "?")) else text + "."
 
 
 class _user_errors:

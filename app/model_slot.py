@@ -57,6 +57,7 @@ class ModelSlot:
         return thread
 
     def _load(self, loader: Callable[[], Engine]) -> None:
+        """Whatever happens, the slot ends READY or FAILED: a page never waits on a dead loader."""
         log.info("Loading model %s …", self._model)
         try:
             self._engine = loader()
@@ -67,6 +68,12 @@ class ModelSlot:
             self._error = (
                 f"Loading {self._model} failed: {e}. If memory ran out, restart with --load-8bit or "
                 "--load-4bit, or on the CPU with --device cpu."
+            )
+            log.exception("Could not load %s", self._model)
+        except Exception:  # a bug or an unforeseen library error: it must still end the loading state
+            self._error = (
+                f"Loading {self._model} failed unexpectedly; the server log has the details. "
+                "Try --device cpu, or --model tiny to check the set-up."
             )
             log.exception("Could not load %s", self._model)
         else:

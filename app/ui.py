@@ -6,6 +6,7 @@ from pathlib import Path
 
 import gradio as gr
 
+from app.events import owned, owned_stream
 from app.gpu import on_gpu
 from app.handlers import Handlers
 from app.model_slot import ModelState
@@ -19,6 +20,7 @@ EXAMPLES = [
     ("rocket.jpg", "What is happening in this picture?"),
 ]
 BROWSER_STORAGE_KEY = "mipha-chat-identity"
+SEND_WAITING = {ModelState.LOADING: "Send (model loading…)", ModelState.FAILED: "Send (no model)"}
 
 CSS = """
 .reply-footer { font-size: 0.75em; opacity: 0.65; }
@@ -36,7 +38,6 @@ def build_app(services: Services) -> gr.Blocks:
 
     with gr.Blocks(title="Mipha Chat", fill_height=True) as demo:
         secret = gr.BrowserState(None, storage_key=BROWSER_STORAGE_KEY, secret=services.browser_state_key)
-        owner = gr.State(None)
         conversation = gr.State(None)
 
         with gr.Sidebar(label="Conversations", width=300):
@@ -66,7 +67,8 @@ def build_app(services: Services) -> gr.Blocks:
             submit_btn=False, max_plain_text_length=settings.max_message_chars, autofocus=True,
             interactive=False)  # enabled by the page load, once the browser's identity is known
         with gr.Row():
-            send_btn = gr.Button("Send", variant="primary", elem_id="send-button", scale=2)
+            send_btn = gr.Button("Send", variant="primary", elem_id="send-button", scale=2,
+                                 interactive=False)  # enabled by the page load once the model is ready
             stop_btn = gr.Button("Stop", variant="stop", elem_id="stop-button", interactive=False)
             regenerate_btn = gr.Button("Regenerate", elem_id="regenerate-button")
         with gr.Accordion("Generation settings", open=False, elem_id="generation-settings"):
@@ -83,84 +85,100 @@ def build_app(services: Services) -> gr.Blocks:
         opened = [conversation, chatbot, temperature, top_p, max_new_tokens, title]
         locked = [chat_input, send_btn, stop_btn, regenerate_btn]
 
+        def resolve(secret_value: str | None, username: str | None, oauth_username: str | None) -> int | None:
+            return h.owner(secret_value, username=username, oauth_username=oauth_username)
+
+        def on(handler):  # an event whose first input is the browser identity; see app.events
+            return owned(resolve, handler)
+
         # page load: identity, then the sidebar
-        def on_load(stored_secret, request: gr.Request, profile: gr.OAuthProfile | None):
+        def on_load(request: gr.Request, profile: gr.OAuthProfile | None, stored_secret: str | None):
             oauth_name = profile.username if profile is not None else None
             kept, owner_id = h.identify(stored_secret, username=request.username, oauth_username=oauth_name)
-            return (kept, owner_id, h.conversation_list(owner_id), *h.new_chat(), *_status_updates(services),
+            return (kept, h.conversation_list(owner_id), *h.new_chat(), *_status_updates(services),
                     gr.update(interactive=True))
 
-        demo.load(on_load, [secret], [secret, owner, conversations, *opened, status, timer, chat_input], api_name=False)
-        timer.tick(lambda: _status_updates(services), None, [status, timer], api_name=False, show_progress="hidden",
-                   queue=False)
+        demo.load(on_load, [secret], [secret, conversations, *opened, status, timer, send_btn, chat_input],
+                  api_name=False)
+        timer.tick(lambda: _status_updates(services), None, [status, timer, send_btn], api_name=False,
+                   show_progress="hidden", queue=False)
 
         # sidebar
         new_chat_btn.click(h.new_chat, None, opened, api_name=False, queue=False).then(
-            lambda o: h.conversation_list(o), [owner], [conversations], api_name=False)
-        conversations.input(h.open_conversation, [conversations, owner], opened, api_name=False)
-        search.change(lambda o, q, c: h.conversation_list(o, q, selected=c), [owner, search, conversation],
-                      [conversations], api_name=False, show_progress="hidden", trigger_mode="always_last")
-        rename_btn.click(h.rename, [conversation, owner, title], None, api_name=False).success(
-            lambda o, q, c: h.conversation_list(o, q, selected=c), [owner, search, conversation], [conversations],
-            api_name=False)
+            on(h.conversation_list), [secret], [conversations], api_name=False)
+        conversations.input(on(h.open_conversation), [secret, conversations], opened, api_name=False)
+        search.change(on(h.conversation_list), [secret, search, conversation], [conversations], api_name=False,
+                      show_progress="hidden", trigger_mode="always_last")
+        rename_btn.click(on(h.rename), [secret, conversation, title], None, api_name=False).success(
+            on(h.conversation_list), [secret, search, conversation], [conversations], api_name=False)
         delete_btn.click(lambda c: gr.update(visible=bool(c)), [conversation], [confirm_row], api_name=False,
                          queue=False)
         cancel_btn.click(lambda: gr.update(visible=False), None, [confirm_row], api_name=False, queue=False)
-        confirm_btn.click(h.delete, [conversation, owner], None, api_name=False).success(
+        confirm_btn.click(on(h.delete), [secret, conversation], None, api_name=False).success(
             h.new_chat, None, opened, api_name=False).then(
-            lambda o, q: (h.conversation_list(o, q), gr.update(visible=False)), [owner, search],
+            on(lambda o, q: (h.conversation_list(o, q), gr.update(visible=False))), [secret, search],
             [conversations, confirm_row], api_name=False)
         for slider in params:
-            slider.release(h.remember_settings, [conversation, owner, *params], None, api_name=False,
+            slider.release(on(h.remember_settings), [secret, conversation, *params], None, api_name=False,
                            show_progress="hidden")
 
         # chat: store the question, lock the input, stream the reply, unlock
-        def ask(message, conversation_id, owner_id, *values):
-            conversation_id, shown = h.submit(message, conversation_id, owner_id, *values)
-            return conversation_id, shown, *_lock(True)
+        def ask(owner_id, message, conversation_id, *values):
+            conversation_id, shown = h.submit(owner_id, message, conversation_id, *values)
+            return conversation_id, shown, *_lock(services, busy=True)
 
         def finish(owner_id, query, conversation_id):
-            return h.conversation_list(owner_id, query, selected=conversation_id), *_lock(False)
+            return h.conversation_list(owner_id, query, conversation_id), *_lock(services, busy=False)
 
         for trigger in (chat_input.submit, send_btn.click):
-            trigger(ask, [chat_input, conversation, owner, *params], [conversation, chatbot, *locked],
+            trigger(on(ask), [secret, chat_input, conversation, *params], [conversation, chatbot, *locked],
                     api_name=False, concurrency_limit=None, show_progress="hidden").success(
-                reply, [conversation, owner, *params], [chatbot], api_name=False, concurrency_id="generate",
-                show_progress="minimal").then(
-                finish, [owner, search, conversation], [conversations, *locked], api_name=False)
-        regenerate_btn.click(lambda c, o: (h.prepare_regenerate(c, o), *_lock(True)), [conversation, owner],
-                             [chatbot, *locked], api_name=False, concurrency_limit=None).success(
-            reply, [conversation, owner, *params], [chatbot], api_name=False, concurrency_id="generate",
-            show_progress="minimal").then(
-            finish, [owner, search, conversation], [conversations, *locked], api_name=False)
+                owned_stream(resolve, reply), [secret, conversation, *params], [chatbot], api_name=False,
+                concurrency_id="generate", show_progress="minimal").then(
+                on(finish), [secret, search, conversation], [conversations, *locked], api_name=False)
+        regenerate_btn.click(on(lambda o, c: (h.prepare_regenerate(o, c), *_lock(services, busy=True))),
+                             [secret, conversation], [chatbot, *locked], api_name=False,
+                             concurrency_limit=None).success(
+            owned_stream(resolve, reply), [secret, conversation, *params], [chatbot], api_name=False,
+            concurrency_id="generate", show_progress="minimal").then(
+            on(finish), [secret, search, conversation], [conversations, *locked], api_name=False)
         chatbot.clear(h.new_chat, None, opened, api_name=False, queue=False)  # the chatbot's trash icon
-        stop_btn.click(h.stop, [conversation, owner], None, api_name=False, queue=False)
+        stop_btn.click(on(h.stop), [secret, conversation], None, api_name=False, queue=False)
 
     demo.queue(default_concurrency_limit=settings.concurrency)
     return demo
 
 
-def _lock(busy: bool) -> tuple[dict, ...]:
-    """Input, Send, Stop, Regenerate while a reply streams (busy) and after."""
+def _lock(services: Services, *, busy: bool) -> tuple[dict, ...]:
+    """Input, Send, Stop, Regenerate while a reply streams (busy) and after.
+
+    Send comes back only when the model is ready; the banner says why it is not.
+    """
+    ready = services.model.status().state is ModelState.READY
     return (
         gr.update(value=None, interactive=not busy) if busy else gr.update(interactive=True),
-        gr.update(interactive=not busy),
+        gr.update(interactive=not busy and ready),
         gr.update(interactive=busy),
-        gr.update(interactive=not busy),
+        gr.update(interactive=not busy and ready),
     )
 
 
 def _status_text(services: Services) -> str:
     status = services.model.status()
     if status.state is ModelState.LOADING:
-        return f"⏳ **Loading the model** — {status.message} You can look around; sending waits for it."
+        return f"⏳ **Loading the model** — {status.message} You can look around; Send is enabled once it is ready."
     if status.state is ModelState.FAILED:
-        return f"⚠️ **The model could not be loaded.** {status.message}"
+        cause = status.message if services.settings.is_local_only else (
+            "The person running this server can see why in its log.")
+        return f"⚠️ **The model could not be loaded, so the chat cannot answer.** {cause}"
     return f"✅ {status.message}"
 
 
-def _status_updates(services: Services) -> tuple[dict, dict]:
+def _status_updates(services: Services) -> tuple[dict, dict, dict]:
+    """The banner, the timer that refreshes it while loading, and Send (only with a model)."""
     state = services.model.status().state
     banner = gr.update(value=_status_text(services), visible=state is not ModelState.READY,
                        elem_classes=["failed"] if state is ModelState.FAILED else [])
-    return banner, gr.Timer(active=state is ModelState.LOADING)
+    send = gr.update(interactive=state is ModelState.READY,
+                     value="Send" if state is ModelState.READY else SEND_WAITING[state])
+    return banner, gr.Timer(active=state is ModelState.LOADING), send

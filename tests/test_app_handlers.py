@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import string
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import gradio as gr
@@ -34,8 +35,8 @@ def photo(name: str = "chelsea.jpg") -> dict:
 
 
 def ask(h: Handlers, owner: int, text: str, *, conversation: str | None = None, files=()) -> tuple[str, list]:
-    conversation, shown = h.submit({"text": text, "files": list(files)}, conversation, owner, *PARAMS)
-    frames = list(h.reply(conversation, owner, *PARAMS))
+    conversation, shown = h.submit(owner, {"text": text, "files": list(files)}, conversation, *PARAMS)
+    frames = list(h.reply(owner, conversation, *PARAMS))
     return conversation, frames
 
 
@@ -49,7 +50,20 @@ def test_identity_is_per_browser_secret_and_per_login(h):
     assert len(secret) >= 32
     assert h.identify(secret) == (secret, first)
     assert h.identify(None)[1] != first
-    assert h.identify(secret, username="ada")[1] == h.identify(None, username="ada")[1] != first
+    assert h.owner("too-short", username=None, oauth_username=None) is None
+    assert h.owner(secret, username=None, oauth_username="ada-hf") != first  # OAuth account over browser
+
+
+def test_with_a_login_required_only_the_login_name_counts(app_services):
+    from app.settings import Credential
+
+    services = replace(app_services, settings=replace(app_services.settings, auth=(Credential("ada", "pw"),)))
+    h = Handlers(services)
+    secret, _ = h.identify(None)
+    ada = h.owner(secret, username="ada", oauth_username=None)
+    assert ada == h.owner(None, username="ada", oauth_username=None)  # the browser's identity plays no part
+    assert h.owner(secret, username=None, oauth_username=None) is None  # no login: no one, whatever it sends
+    assert h.owner(secret, username="bob", oauth_username=None) != ada
 
 
 def test_question_with_photo_streams_and_persists(h, owner):
@@ -73,15 +87,15 @@ def test_second_question_reuses_the_cache_and_says_so_in_the_footer(h, owner):
     footer = frames[-1][-1]["content"]
     assert f"{second.reused_tokens} of {second.prompt_tokens} prompt tokens reused" in footer
     assert f"first token {second.first_token_seconds:.1f} s" in footer
-    reopened = h.open_conversation(conversation, owner)[1]
+    reopened = h.open_conversation(owner, conversation)[1]
     assert reopened[-1]["content"] == footer  # the footer is rebuilt from what was stored
 
 
 def test_stop_keeps_the_partial_reply_and_marks_it(h, owner, monkeypatch):
-    conversation, _ = h.submit({"text": "Tell me a long story", "files": []}, None, owner, 0.0, 1.0, 64)
-    frames = h.reply(conversation, owner, 0.0, 1.0, 64)
+    conversation, _ = h.submit(owner, {"text": "Tell me a long story", "files": []}, None, 0.0, 1.0, 64)
+    frames = h.reply(owner, conversation, 0.0, 1.0, 64)
     next(frames)
-    h.stop(conversation, owner)
+    h.stop(owner, conversation)
     rest = list(frames)
     assert "stopped: partial reply" in rest[-1][-1]["content"]
     answer = stored(h, owner, conversation)[-1]
@@ -91,9 +105,9 @@ def test_stop_keeps_the_partial_reply_and_marks_it(h, owner, monkeypatch):
 
 def test_closing_the_generator_cancels_generation(h, owner):
     """What Gradio does when the tab closes: the generator is closed mid-reply."""
-    conversation, _ = h.submit({"text": "Hello", "files": []}, None, owner, 0.0, 1.0, 64)
+    conversation, _ = h.submit(owner, {"text": "Hello", "files": []}, None, 0.0, 1.0, 64)
     cancel = h.services.cancels.get(owner, conversation)
-    frames = h.reply(conversation, owner, 0.0, 1.0, 64)
+    frames = h.reply(owner, conversation, 0.0, 1.0, 64)
     next(frames)
     frames.close()
     assert cancel.is_set()
@@ -104,9 +118,9 @@ def test_closing_the_generator_cancels_generation(h, owner):
 def test_regenerate_replaces_the_last_reply(h, owner):
     conversation, _ = ask(h, owner, "Describe it", files=[photo()])
     first = stored(h, owner, conversation)[-1]
-    shown = h.prepare_regenerate(conversation, owner)
+    shown = h.prepare_regenerate(owner, conversation)
     assert [m["role"] for m in shown] == ["user", "user"]
-    list(h.reply(conversation, owner, 0.7, 0.9, 24))
+    list(h.reply(owner, conversation, 0.7, 0.9, 24))
     records = stored(h, owner, conversation)
     assert len(records) == 2 and records[-1].role is db.Role.ASSISTANT
     assert records[-1].created_at > first.created_at
@@ -118,7 +132,7 @@ def test_regenerate_replaces_the_last_reply(h, owner):
 ])
 def test_bad_messages_are_refused_with_a_reason(h, owner, message, expected):
     with pytest.raises(gr.Error, match=expected):
-        h.submit(message, None, owner, *PARAMS)
+        h.submit(owner, message, None, *PARAMS)
 
 
 def test_non_image_and_corrupt_uploads_are_refused(h, owner, tmp_path):
@@ -128,7 +142,7 @@ def test_non_image_and_corrupt_uploads_are_refused(h, owner, tmp_path):
     corrupt.write_bytes((ASSETS / "coffee.jpg").read_bytes()[:300])
     for upload in (text_file, corrupt):
         with pytest.raises(gr.Error, match="not a photo this app can read"):
-            h.submit({"text": "what is this?", "files": [{"path": str(upload)}]}, None, owner, *PARAMS)
+            h.submit(owner, {"text": "what is this?", "files": [{"path": str(upload)}]}, None, *PARAMS)
     with h.storage.session() as s:
         assert db.list_conversations(s, owner_id=owner) == []
 
@@ -137,7 +151,7 @@ def test_second_photo_is_announced(h, owner, monkeypatch):
     notices = []
     monkeypatch.setattr(gr, "Info", lambda message, *a, **k: notices.append(message))
     conversation, _ = ask(h, owner, "First", files=[photo("chelsea.jpg")])
-    h.submit({"text": "And this?", "files": [photo("coffee.jpg")]}, conversation, owner, *PARAMS)
+    h.submit(owner, {"text": "And this?", "files": [photo("coffee.jpg")]}, conversation, *PARAMS)
     assert any("now looks at this photo" in n for n in notices)
 
 
@@ -156,7 +170,7 @@ def test_model_still_loading_and_failed_load_are_explained(app_services, owner):
     loading = Handlers(app_services)
     loading.services.model = ModelSlot("zhumj34/Mipha-3B")
     with pytest.raises(gr.Error, match="still loading"):
-        loading.submit({"text": "hi", "files": []}, None, owner, *PARAMS)
+        loading.submit(owner, {"text": "hi", "files": []}, None, *PARAMS)
     from mipha_core import ModelLoadError
 
     def fail():
@@ -164,7 +178,7 @@ def test_model_still_loading_and_failed_load_are_explained(app_services, owner):
 
     loading.services.model.load_in_background(fail).join()
     with pytest.raises(gr.Error, match="--model tiny"):
-        loading.submit({"text": "hi", "files": []}, None, owner, *PARAMS)
+        loading.submit(owner, {"text": "hi", "files": []}, None, *PARAMS)
 
 
 def test_html_from_users_is_shown_as_text(h, owner):
@@ -178,28 +192,28 @@ def test_conversations_are_private_listed_renamed_searched_and_deleted(h, owner)
     stranger = h.identify(None)[1]
     assert h.conversation_list(stranger)["choices"] == []
     with pytest.raises(gr.Error, match="was not found"):
-        h.open_conversation(conversation, stranger)
+        h.open_conversation(stranger, conversation)
     (label, value), = h.conversation_list(owner)["choices"]
     assert value == conversation and label.startswith("A cat on a sofa · ")
-    h.rename(conversation, owner, "Chelsea")
+    h.rename(owner, conversation, "Chelsea")
     assert h.conversation_list(owner, "chelsea")["choices"][0][1] == conversation
     assert h.conversation_list(owner, "sofa")["choices"][0][1] == conversation  # message text is searched too
     assert h.conversation_list(owner, "giraffe")["choices"] == []
     with pytest.raises(gr.Error):
-        h.delete(conversation, stranger)
+        h.delete(stranger, conversation)
     engine = h.services.model.engine()
     cached_before = len(engine.kv_cache)
-    h.delete(conversation, owner)
+    h.delete(owner, conversation)
     assert h.conversation_list(owner)["choices"] == []
     assert len(engine.kv_cache) == cached_before - 1  # its KV cache is freed with it
 
 
 def test_generation_settings_are_remembered_per_conversation(h, owner):
-    conversation, _ = h.submit({"text": "hi", "files": []}, None, owner, 0.9, 0.8, 32)
-    other, _ = h.submit({"text": "hello", "files": []}, None, owner, 0.1, 1.0, 48)
-    h.remember_settings(conversation, owner, 1.1, 0.7, 32)
-    assert h.open_conversation(conversation, owner)[2:5] == (1.1, 0.7, 32)
-    assert h.open_conversation(other, owner)[2:5] == (0.1, 1.0, 48)
+    conversation, _ = h.submit(owner, {"text": "hi", "files": []}, None, 0.9, 0.8, 32)
+    other, _ = h.submit(owner, {"text": "hello", "files": []}, None, 0.1, 1.0, 48)
+    h.remember_settings(owner, conversation, 1.1, 0.7, 32)
+    assert h.open_conversation(owner, conversation)[2:5] == (1.1, 0.7, 32)
+    assert h.open_conversation(owner, other)[2:5] == (0.1, 1.0, 48)
 
 
 def test_unanswered_questions_fold_into_the_next_turn():
