@@ -13,7 +13,12 @@ Repository functions take the session first and everything else by keyword,
 and return frozen records (never ORM rows). Every conversation and message
 function takes ``owner_id``; another user's conversation raises the same
 ``ConversationNotFoundError`` as a missing one. All errors derive from
-``StorageError`` and their message is written for the person using the app.
+``StorageError`` and their message is written for the person using the app;
+a failing disk or database raises a ``StorageUnavailableError`` subclass
+(``StorageFullError``, ``StorageBusyError``, ``StorageReadOnlyError``), never
+the driver's error. ``open_storage`` locks the data directory for the life of
+the Storage and raises ``DataDirError`` subclasses (``DataDirInUseError``,
+``DataDirNotWritableError``), whose messages are for the operator.
 
 Nothing here imports torch or gradio.
 """
@@ -32,6 +37,9 @@ from storage.conversations import (
 from storage.db import Storage
 from storage.errors import (
     ConversationNotFoundError,
+    DataDirError,
+    DataDirInUseError,
+    DataDirNotWritableError,
     ImageNotFoundError,
     InvalidImageError,
     InvalidImportError,
@@ -39,7 +47,11 @@ from storage.errors import (
     LimitExceededError,
     MessageNotFoundError,
     NotFoundError,
+    StorageBusyError,
     StorageError,
+    StorageFullError,
+    StorageReadOnlyError,
+    StorageUnavailableError,
 )
 from storage.exporting import export_json, export_markdown
 from storage.images import get_image, image_path, save_image
@@ -68,6 +80,9 @@ __all__ = [
     "DEFAULT_TITLE",
     "ConversationNotFoundError",
     "ConversationRecord",
+    "DataDirError",
+    "DataDirInUseError",
+    "DataDirNotWritableError",
     "ImageNotFoundError",
     "ImageRecord",
     "InvalidImageError",
@@ -81,9 +96,13 @@ __all__ = [
     "ReplyWriter",
     "Role",
     "Storage",
+    "StorageBusyError",
     "StorageConfig",
     "StorageError",
+    "StorageFullError",
     "StorageLimits",
+    "StorageReadOnlyError",
+    "StorageUnavailableError",
     "UserKind",
     "UserRecord",
     "add_user_message",

@@ -17,6 +17,8 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
 from storage.config import StorageConfig, StorageLimits
+from storage.failures import database_failures
+from storage.lock import DataDirLock
 from storage.mapping import LIMITS_KEY
 
 logger = logging.getLogger(__name__)
@@ -29,10 +31,12 @@ RELEASED_IMAGES_KEY = "mipha.released_images"
 def create_storage_engine(config: StorageConfig) -> Engine:
     """Build the process's engine; SQLite gets WAL, foreign keys and a busy timeout."""
     url = config.resolved_database_url
+    # Errors quote the SQL but not its parameters: those are people's messages,
+    # and the errors are logged.
     if not url.startswith("sqlite"):
-        return create_engine(url, pool_pre_ping=True)
+        return create_engine(url, pool_pre_ping=True, hide_parameters=True)
     # Pooled connections move between Gradio's worker threads (never while in use).
-    engine = create_engine(url, connect_args={"check_same_thread": False})
+    engine = create_engine(url, connect_args={"check_same_thread": False}, hide_parameters=True)
     _configure_sqlite(engine, busy_timeout_ms=config.busy_timeout_ms)
     return engine
 
@@ -65,12 +69,14 @@ def _configure_sqlite(engine: Engine, *, busy_timeout_ms: int) -> None:
 class Storage:
     """An open data directory: the engine, the session factory and the images folder.
 
-    Build it with :func:`storage.open_storage`; share one per process.
+    Build it with :func:`storage.open_storage`; share one per process. It holds
+    the data directory's lock (see :mod:`storage.lock`) until :meth:`close`.
     """
 
-    def __init__(self, *, config: StorageConfig, engine: Engine) -> None:
+    def __init__(self, *, config: StorageConfig, engine: Engine, lock: DataDirLock | None = None) -> None:
         self.config = config
         self.engine = engine
+        self._lock = lock
         self._sessions = sessionmaker(engine, expire_on_commit=False)
 
     @property
@@ -87,10 +93,12 @@ class Storage:
 
         The session carries this storage's limits, so repository functions
         called with it enforce them. Never share a session between threads.
+        A database failure (disk full, locked, read-only) leaves the block as a
+        :class:`~storage.errors.StorageUnavailableError` subclass.
         """
         session = self._sessions(info={LIMITS_KEY: self.config.limits})
         try:
-            with session.begin():
+            with database_failures("running a unit of work"), session.begin():
                 yield session
             released = session.info.pop(RELEASED_IMAGES_KEY, set())
         finally:
@@ -101,8 +109,10 @@ class Storage:
             remove_image_files(self.images_dir, released)
 
     def close(self) -> None:
-        """Release pooled connections (tests and shutdown)."""
+        """Release pooled connections and the data directory's lock (tests and shutdown)."""
         self.engine.dispose()
+        if self._lock is not None:
+            self._lock.release()
 
     def __enter__(self) -> Storage:
         return self

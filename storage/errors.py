@@ -3,10 +3,16 @@
 Every error derives from :class:`StorageError` and carries a message meant for
 the person using the app: it names what went wrong and what to do about it.
 The UI shows ``str(error)`` as is (``gr.Error(str(e))``), so messages never
-contain internal paths, SQL or stack details.
+contain internal paths, SQL or stack details. The exception is
+:class:`DataDirError`, raised only by ``open_storage``: its message is for the
+person starting the server and names the data directory.
 """
 
 from __future__ import annotations
+
+import os
+from datetime import datetime
+from pathlib import Path
 
 
 class StorageError(Exception):
@@ -77,3 +83,101 @@ class InvalidImportError(StorageError):
             "Nothing was changed; import a file made by Mipha Chat's JSON export."
         )
         self.path = path
+
+
+class StorageUnavailableError(StorageError):
+    """The server could not read or write its data; nothing the person did wrong.
+
+    Raised by ``Storage.session()``, ``save_image``, ``import_json`` and
+    ``ReplyWriter`` instead of the database's or the file system's own error
+    (which names SQL and paths). That original is logged with its details and
+    kept as ``__cause__``. Subclasses say what happened; this class itself is
+    raised for failures that fit none of them.
+    """
+
+    default_message = (
+        "The server could not save or load your data just now. Try again in a moment; "
+        "if you run this server, its log has the details."
+    )
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message or self.default_message)
+
+
+class StorageFullError(StorageUnavailableError):
+    """The disk (or a quota, or a file-size limit) has no room for new data."""
+
+    default_message = (
+        "The server's disk is full, so nothing new can be saved right now. "
+        "Try again later; if you run this server, free some disk space."
+    )
+
+
+class StorageBusyError(StorageUnavailableError):
+    """The database stayed locked by another writer for longer than the busy timeout."""
+
+    default_message = "The conversation database is busy; try again in a few seconds."
+
+
+class StorageReadOnlyError(StorageUnavailableError):
+    """The data directory or the database cannot be written (read-only disk, permissions)."""
+
+    default_message = (
+        "The server cannot write its data, so nothing new can be saved right now. "
+        "If you run this server, check that the data directory is writable."
+    )
+
+
+class DataDirError(StorageError):
+    """``open_storage`` cannot use the data directory.
+
+    Unlike the other errors, the message is for the person starting the server
+    (it is shown in the terminal): it names the directory and the way out.
+    """
+
+
+class DataDirInUseError(DataDirError):
+    """Another process (or another open Storage in this one) holds the data directory's lock."""
+
+    def __init__(self, data_dir: Path, *, pid: int | None = None, started: datetime | None = None) -> None:
+        super().__init__(
+            f"Another Mipha Chat server{_holder(pid, started)} is using the data directory "
+            f"{_dir_name(data_dir)}. Stop it first, or start this one with another --data-dir."
+        )
+        self.data_dir = data_dir
+        self.pid = pid
+        self.started = started
+
+
+class DataDirNotWritableError(DataDirError):
+    """The data directory cannot be created or written (read-only, permissions, disk full)."""
+
+    def __init__(self, data_dir: Path, *, error: OSError) -> None:
+        reason = error.strerror.lower() if error.strerror else "not writable"
+        super().__init__(
+            f"Mipha Chat cannot write to its data directory {_dir_name(data_dir)} ({reason}). "
+            "Make it writable (or free some disk space), or choose another --data-dir."
+        )
+        self.data_dir = data_dir
+        self.reason = reason
+
+
+def _dir_name(path: Path) -> str:
+    text = str(path)
+    return text if text.endswith(os.sep) else text + os.sep
+
+
+def _holder(pid: int | None, started: datetime | None) -> str:
+    details = []
+    if pid is not None:
+        details.append(f"pid {pid}")
+    if started is not None:
+        details.append(f"started {_when(started)}")
+    return f" ({', '.join(details)})" if details else ""
+
+
+def _when(moment: datetime) -> str:
+    """Local time, with the date only when it is not today."""
+    local = moment.astimezone()
+    same_day = local.date() == datetime.now().astimezone().date()
+    return local.strftime("%H:%M" if same_day else "%Y-%m-%d %H:%M")

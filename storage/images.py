@@ -5,7 +5,9 @@ and re-encoded *without* any metadata: EXIF (GPS position, camera serial,
 time), XMP, ICC profiles and comments are dropped. Only the cleaned bytes are
 kept; the original upload never touches the disk. The file is named by the
 SHA-256 of the cleaned bytes, so the same photo is stored once however many
-messages use it.
+messages use it. A photo from an import that is already such a clean file is
+kept byte for byte (:func:`prepare_imported_image`), so an export imported
+back keeps its pixels and its name.
 
 Layout: ``<data_dir>/images/<sha[:2]>/<sha>.<jpg|png>``.
 """
@@ -33,6 +35,8 @@ from sqlalchemy.orm import Session
 
 from storage.config import StorageLimits
 from storage.errors import ImageNotFoundError, InvalidImageError, LimitExceededError
+from storage.failures import file_failures
+from storage.image_markers import is_clean_jpeg, is_clean_png
 from storage.mapping import image_record
 from storage.models import Image, Message
 from storage.records import ImageRecord
@@ -51,6 +55,9 @@ _ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "HEIF", "AVIF")
 # (The JPEG opener reports multi-picture phone photos as "MPO".)
 _LOSSY_SOURCES = {"JPEG", "MPO", "HEIF", "AVIF"}
 JPEG_QUALITY = 92
+# Pixel modes of the files _encode_clean writes.
+_JPEG_MODES = ("RGB",)
+_PNG_MODES = ("1", "L", "LA", "RGB", "RGBA", "P")
 
 
 @dataclass(frozen=True)
@@ -76,6 +83,41 @@ def _decoders() -> tuple[str, ...]:
 
 def prepare_image(data: bytes, *, limits: StorageLimits) -> PreparedImage:
     """Validate, orient and strip an uploaded image. Pure: touches no file."""
+    image, source_format = _decode(data, limits=limits)
+    return _encode_clean(image, source_format=source_format)
+
+
+def prepare_imported_image(data: bytes, *, limits: StorageLimits) -> PreparedImage:
+    """Validate an image from an export; keep its bytes if they are already clean.
+
+    A JPEG re-encoded a second time loses detail and gets a new SHA-256, so an
+    import would neither match the photo it came from nor find it already
+    stored. A file that is fully decoded and holds nothing but image data (what
+    :func:`prepare_image` writes) is therefore kept as is; any other file is
+    cleaned like an upload.
+    """
+    image, source_format = _decode(data, limits=limits)
+    if not _is_clean_file(data, source_format=source_format, mode=image.mode):
+        return _encode_clean(image, source_format=source_format)
+    return PreparedImage(
+        data=data,
+        sha256=hashlib.sha256(data).hexdigest(),
+        format=source_format,
+        width=image.width,
+        height=image.height,
+    )
+
+
+def _is_clean_file(data: bytes, *, source_format: str, mode: str) -> bool:
+    if source_format == "JPEG":
+        return mode in _JPEG_MODES and is_clean_jpeg(data)
+    if source_format == "PNG":
+        return mode in _PNG_MODES and is_clean_png(data)
+    return False
+
+
+def _decode(data: bytes, *, limits: StorageLimits) -> tuple[PILImage.Image, str]:
+    """Fully decode (under the pixel limit) and turn upright; returns the image and its format."""
     if len(data) > limits.max_image_bytes:
         raise LimitExceededError(
             f"The photo is {len(data) / 1e6:.1f} MB; the limit is "
@@ -106,7 +148,7 @@ def prepare_image(data: bytes, *, limits: StorageLimits) -> PreparedImage:
             "This file could not be read as a photo (JPEG, PNG, WebP, GIF, BMP, HEIC or AVIF). "
             "Try exporting it again as JPEG or PNG."
         ) from e
-    return _encode_clean(image, source_format=source_format)
+    return image, source_format
 
 
 def _check_pixels(size: tuple[int, int], *, limits: StorageLimits) -> None:
@@ -131,7 +173,7 @@ def _encode_clean(image: PILImage.Image, *, source_format: str) -> PreparedImage
         options = {"quality": JPEG_QUALITY, "optimize": True}
     else:
         out_format = "PNG"
-        if image.mode not in ("1", "L", "LA", "RGB", "RGBA", "P"):
+        if image.mode not in _PNG_MODES:
             image = image.convert("RGBA" if "A" in image.getbands() else "RGB")
         options = {"optimize": False}
     buffer = io.BytesIO()
@@ -147,7 +189,10 @@ def _encode_clean(image: PILImage.Image, *, source_format: str) -> PreparedImage
 
 
 def save_image(storage: Storage, data: bytes) -> ImageRecord:
-    """Clean and store an uploaded image; returns its record (existing one if a duplicate)."""
+    """Clean and store an uploaded image; returns its record (existing one if a duplicate).
+
+    A failure to write the file or the row raises a StorageUnavailableError subclass.
+    """
     prepared = prepare_image(data, limits=storage.limits)
     write_image_file(storage.images_dir, prepared)
     with storage.session() as session:
@@ -197,22 +242,30 @@ def _path_for(images_dir: Path, sha256: str, extension: str) -> Path:
 
 
 def write_image_file(images_dir: Path, prepared: PreparedImage) -> bool:
-    """Write the file once, atomically (temp file, fsync, rename). True if newly written."""
+    """Write the file once, atomically (temp file, fsync, rename). True if newly written.
+
+    Raises a StorageUnavailableError subclass if the disk refuses (full, read-only).
+    """
     path = _path_for(images_dir, prepared.sha256, _EXTENSIONS[prepared.format])
     if path.is_file():
         return False
+    with file_failures(f"writing the photo file {path}"):
+        _write_atomically(path, prepared.data)
+    return True
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".part")
     try:
         with os.fdopen(fd, "wb") as handle:
-            handle.write(prepared.data)
+            handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temp_name, path)  # atomic: readers see no file or the whole file
     except BaseException:
         Path(temp_name).unlink(missing_ok=True)
         raise
-    return True
 
 
 def release_unused_images(session: Session, *, candidates: Iterable[str]) -> set[str]:
@@ -240,10 +293,24 @@ def release_unused_images(session: Session, *, candidates: Iterable[str]) -> set
 
 
 def remove_image_files(images_dir: Path, sha256s: Iterable[str]) -> None:
+    """Remove released files; a failure is only logged.
+
+    This runs after the commit that deleted the rows, so there is nothing to
+    roll back: the next start-up's sweep removes whatever file is left.
+    """
     for sha256 in sha256s:
         for extension in _EXTENSIONS.values():
-            _path_for(images_dir, sha256, extension).unlink(missing_ok=True)
+            _unlink_or_log(_path_for(images_dir, sha256, extension))
     logger.debug("released image files")
+
+
+def _unlink_or_log(path: Path) -> bool:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as e:
+        logger.warning("could not remove the image file %s, left for the next start-up: %s", path, e)
+        return False
+    return True
 
 
 def sweep_images(storage: Storage) -> int:
@@ -262,8 +329,7 @@ def sweep_images(storage: Storage) -> int:
     if not storage.images_dir.is_dir():
         return removed
     for path in storage.images_dir.glob("*/*"):
-        if path.name.startswith(".tmp-") or path.stem not in known:
-            path.unlink(missing_ok=True)
+        if (path.name.startswith(".tmp-") or path.stem not in known) and _unlink_or_log(path):
             removed += 1
     if removed:
         logger.info("removed %d stray image files", removed)

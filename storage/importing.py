@@ -3,10 +3,15 @@
 The file is untrusted. Everything is validated before anything is written:
 JSON shape and types, known fields only, lengths and counts against the
 limits, timestamps, and every photo fully decoded by Pillow under the pixel
-limit and re-cleaned like an upload. Nothing in the file is ever used as a
-path (photos are inline data URIs; stored names are our own SHA-256). Then
-the photo files are written and the conversation and its messages go into
-the database in one transaction; if that fails, the new files are removed.
+limit, then kept byte for byte if it is already a clean file like the ones
+this app stores (so an export imported back keeps its pixels and finds its
+photos already stored), or re-cleaned like an upload. Nothing in the file is
+ever used as a path (photos are inline data URIs; stored names are the SHA-256
+of the stored bytes). Then the photo files are written and the photo rows,
+the conversation and its messages go into the database in one transaction, in
+that order (messages refer to photos); if that fails, the new files are
+removed. A failure of the disk or the database raises a
+StorageUnavailableError subclass.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import binascii
 import json
 import logging
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -33,7 +39,13 @@ from storage.conversations import (
 from storage.db import Storage
 from storage.errors import InvalidImageError, InvalidImportError, InvalidInputError, LimitExceededError
 from storage.exporting import EXPORT_FORMAT, EXPORT_VERSION
-from storage.images import PreparedImage, prepare_image, remove_image_files, store_image_row, write_image_file
+from storage.images import (
+    PreparedImage,
+    prepare_imported_image,
+    remove_image_files,
+    store_image_row,
+    write_image_file,
+)
 from storage.mapping import conversation_record
 from storage.messages import MAX_FINISH_REASON_CHARS
 from storage.models import Conversation, Message
@@ -79,17 +91,30 @@ def import_json(storage: Storage, *, owner_id: int, data: bytes | str) -> Conver
     with storage.session() as session:  # checked again inside the insert transaction
         _check_room(session, owner_id=owner_id, limits=limits)
     images = {m.image.sha256: m.image for m in messages if m.image is not None}
-    written = [sha for sha, image in images.items() if write_image_file(storage.images_dir, image)]
+    written = _write_files(storage, images.values())
     try:
         with storage.session() as session:
-            record = _insert(session, owner_id=owner_id, conversation=conversation, messages=messages)
-            for image in images.values():
+            for image in images.values():  # each in a savepoint, so flushed before the messages
                 store_image_row(session, image)
+            record = _insert(session, owner_id=owner_id, conversation=conversation, messages=messages)
     except BaseException:
         remove_image_files(storage.images_dir, written)
         raise
     logger.info("imported conversation %s with %d messages", record.id, len(messages))
     return record
+
+
+def _write_files(storage: Storage, images: Iterable[PreparedImage]) -> list[str]:
+    """Write the photo files that are not stored yet; returns their SHA-256s."""
+    written: list[str] = []
+    try:
+        for image in images:
+            if write_image_file(storage.images_dir, image):
+                written.append(image.sha256)
+    except BaseException:
+        remove_image_files(storage.images_dir, written)
+        raise
+    return written
 
 
 def _check_room(session: Session, *, owner_id: int, limits: StorageLimits) -> None:
@@ -214,7 +239,7 @@ def _image(raw: Any, *, path: str, limits: StorageLimits) -> PreparedImage | Non
     except (binascii.Error, ValueError) as e:
         raise InvalidImportError("a photo's base64 data is corrupt", path=f"{path}.data_uri") from e
     try:
-        return prepare_image(data, limits=limits)
+        return prepare_imported_image(data, limits=limits)
     except InvalidImageError as e:
         raise InvalidImportError("a photo could not be decoded as an image", path=f"{path}.data_uri") from e
 

@@ -40,6 +40,15 @@ class ReplyWriter:
     Leaving the block without ``finish()`` records ``cancelled`` when the
     generator was closed (the user pressed stop), ``error`` when it raised,
     and ``complete`` otherwise.
+
+    When the database cannot be written (disk full, locked past the busy
+    timeout, read-only), ``append()``, ``flush()`` and ``finish()`` raise the
+    :class:`~storage.errors.StorageUnavailableError` subclass rather than
+    streaming on: a reply the person reads but the server never keeps would be
+    lost silently. The caller should stop generating and show ``str(error)``;
+    ``text`` still holds everything received. Leaving the block then tries once
+    more to record the reply as ``error``; if that fails too, the reply stays
+    ``partial`` and the next start-up marks it ``interrupted``.
     """
 
     def __init__(
@@ -95,7 +104,11 @@ class ReplyWriter:
         return "".join(self._chunks)
 
     def append(self, chunk: str, *, tokens: int = 1) -> None:
-        """Add streamed text; writes when ~``min_interval_s`` passed or enough tokens piled up."""
+        """Add streamed text; writes when ~``min_interval_s`` passed or enough tokens piled up.
+
+        Raises a StorageUnavailableError subclass when that write fails (the
+        chunk is kept in ``text``); see the class docstring.
+        """
         if self.finished:
             raise InvalidInputError("This reply is already finished; start a new one.")
         limit = self._storage.limits.max_message_chars

@@ -1,10 +1,20 @@
-"""Helpers for tests/test_storage_*.py: users, conversations and small real images."""
+"""Helpers for the storage tests: users, conversations, small real images, the reply child process."""
 
 from __future__ import annotations
 
 import io
+import os
+import random
+import selectors
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from storage import (
     ConversationRecord,
@@ -13,6 +23,8 @@ from storage import (
     create_conversation,
     user_for_browser_secret,
 )
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def make_user(storage: Storage, name: str) -> UserRecord:
@@ -35,3 +47,71 @@ def png_bytes(size: tuple[int, int] = (32, 32), color: str = "blue") -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", size, color).save(buffer, "PNG")
     return buffer.getvalue()
+
+
+ORIENTATION, MAKE, GPS_IFD = 0x0112, 0x010F, 0x8825
+
+
+def textured_image(size: tuple[int, int], *, seed: int, mode: str = "RGB") -> Image.Image:
+    """Random pixels: unlike a flat colour, JPEG-encoding them again changes them."""
+    bands = len(Image.new(mode, (1, 1)).getbands())
+    return Image.frombytes(mode, size, random.Random(seed).randbytes(size[0] * size[1] * bands))
+
+
+def phone_jpeg(*, seed: int = 1, latitude: float = 52.37) -> bytes:
+    """A 48x32 photo as a phone saves it: EXIF orientation 6 (turn 90° clockwise), camera make and GPS position."""
+    exif = Image.Exif()
+    exif[ORIENTATION] = 6
+    exif[MAKE] = "SecretCam"
+    exif.get_ifd(GPS_IFD).update({1: "N", 2: (latitude, 0.0, 0.0), 3: "E", 4: (4.9, 0.0, 0.0)})
+    buffer = io.BytesIO()
+    textured_image((48, 32), seed=seed).save(buffer, "JPEG", exif=exif, quality=95)
+    data = buffer.getvalue()
+    assert Image.open(io.BytesIO(data)).getexif().get_ifd(GPS_IFD)  # the input really has GPS
+    return data
+
+
+def png_with_metadata(*, seed: int = 2) -> bytes:
+    """An RGBA screenshot-like PNG carrying a text chunk with a location."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Location", "52.37N 4.90E")
+    buffer = io.BytesIO()
+    textured_image((24, 20), seed=seed, mode="RGBA").save(buffer, "PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+@dataclass(frozen=True)
+class ReplyChild:
+    """tests/storage_reply_child.py, running: it holds the data directory with a reply half written."""
+
+    process: subprocess.Popen
+    owner_id: int
+    conversation_id: str
+    message_id: int
+
+    def kill(self) -> None:
+        self.process.send_signal(signal.SIGKILL)
+        assert self.process.wait(timeout=10) == -signal.SIGKILL
+
+
+@contextmanager
+def reply_child(data_dir: Path) -> Iterator[ReplyChild]:
+    """Start the child on ``data_dir`` and wait until its partial reply is stored; kill it on the way out."""
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    child = subprocess.Popen(
+        [sys.executable, str(REPO_ROOT / "tests" / "storage_reply_child.py"), str(data_dir)],
+        cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        with selectors.DefaultSelector() as selector:
+            selector.register(child.stdout, selectors.EVENT_READ)
+            assert selector.select(timeout=30), "child did not report READY in 30 s"
+        line = child.stdout.readline()
+        assert line.startswith("READY"), (line, child.stderr.read() if child.poll() is not None else "")
+        _, owner_id, conversation_id, message_id = line.split()
+        yield ReplyChild(child, int(owner_id), conversation_id, int(message_id))
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait(timeout=10)
+        child.stdout.close(), child.stderr.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import hashlib
 import io
 import json
 from pathlib import Path
@@ -13,7 +14,14 @@ import pytest
 from PIL import Image
 
 import storage as st
-from tests.storage_helpers import jpeg_bytes, make_conversation, make_user, png_bytes
+from tests.storage_helpers import (
+    jpeg_bytes,
+    make_conversation,
+    make_user,
+    phone_jpeg,
+    png_bytes,
+    png_with_metadata,
+)
 
 pytest_plugins = ("tests.storage_fixtures",)  # the data_dir and storage fixtures
 
@@ -209,3 +217,115 @@ def test_partial_replies_are_imported_as_interrupted(storage: st.Storage, export
     with storage.session() as session:
         reply = st.list_messages(session, owner_id=user.id, conversation_id=imported.id)[1]
     assert reply.status is st.MessageStatus.INTERRUPTED
+
+
+# --- round trips with real photos ----------------------------------------------------------------
+
+
+def stored_photos(storage: st.Storage) -> dict[str, bytes]:
+    return {p.stem: p.read_bytes() for p in storage.images_dir.rglob("*") if p.is_file()}
+
+
+def pixels(data: bytes) -> tuple[str, tuple[int, int], bytes]:
+    with Image.open(io.BytesIO(data)) as image:
+        return image.mode, image.size, image.tobytes()
+
+
+def assert_clean_and_content_addressed(storage: st.Storage, messages: list[st.MessageRecord]) -> None:
+    """Every photo a message names is stored under the SHA-256 of its bytes, with no metadata."""
+    with storage.session() as session:
+        for sha256 in {m.image_sha256 for m in messages if m.image_sha256}:
+            data = st.image_path(storage, sha256).read_bytes()
+            assert hashlib.sha256(data).hexdigest() == sha256
+            assert st.get_image(session, sha256=sha256).size_bytes == len(data)
+            with Image.open(io.BytesIO(data)) as image:
+                assert not image.getexif() and not set(image.info) & {"exif", "xmp", "icc_profile", "comment"}
+                assert not getattr(image, "text", None)
+            assert b"Exif" not in data and b"SecretCam" not in data and b"Location" not in data
+
+
+def conversation_with_photos(storage: st.Storage) -> tuple[st.UserRecord, st.ConversationRecord, dict[str, bytes]]:
+    user = make_user(storage, "ana")
+    conversation = make_conversation(storage, user, model_id="zhumj34/Mipha-3B", settings={"temperature": 0.7})
+    photo, screenshot = st.save_image(storage, phone_jpeg()), st.save_image(storage, png_with_metadata())
+    assert (photo.format, photo.width, photo.height, screenshot.format) == ("JPEG", 32, 48, "PNG")
+    for text, image in (("Where was this taken?", photo), ("And this one?", screenshot)):
+        with storage.session() as session:
+            st.add_user_message(
+                session, owner_id=user.id, conversation_id=conversation.id, text=text, image_sha256=image.sha256
+            )
+        with st.ReplyWriter.start(storage, owner_id=user.id, conversation_id=conversation.id) as writer:
+            writer.append(f"An answer to {text!r}")
+    with storage.session() as session:
+        conversation = st.get_conversation(session, owner_id=user.id, conversation_id=conversation.id)
+    return user, conversation, stored_photos(storage)
+
+
+def photo_pixels(storage: st.Storage, sha256: str | None) -> tuple | None:
+    return None if sha256 is None else pixels(st.image_path(storage, sha256).read_bytes())
+
+
+def contents(storage: st.Storage, owner_id: int, conversation_id: str) -> tuple:
+    """What a person sees of a conversation, photos as decoded pixels."""
+    with storage.session() as session:
+        conversation = st.get_conversation(session, owner_id=owner_id, conversation_id=conversation_id)
+        messages = st.list_messages(session, owner_id=owner_id, conversation_id=conversation_id)
+    shown = [
+        (m.position, m.role, m.text, m.status, photo_pixels(storage, m.image_sha256))
+        for m in messages
+    ]
+    return (conversation.title, conversation.model_id, conversation.settings), shown
+
+
+def test_photos_round_trip_into_the_same_and_a_fresh_data_dir(storage: st.Storage, tmp_path: Path) -> None:
+    user, original, photos = conversation_with_photos(storage)
+    expected = contents(storage, user.id, original.id)
+    assert [bool(image) for *_, image in expected[1]] == [True, False, True, False]
+    with storage.session() as session:
+        document = st.export_json(session, storage=storage, owner_id=user.id, conversation_id=original.id)
+
+    again = st.import_json(storage, owner_id=user.id, data=document)
+    assert contents(storage, user.id, again.id) == expected
+    assert stored_photos(storage) == photos  # the photos were found, not stored a second time
+
+    with st.open_storage(st.StorageConfig(data_dir=tmp_path / "fresh")) as fresh:
+        newcomer = make_user(fresh, "bob")
+        first = st.import_json(fresh, owner_id=newcomer.id, data=document.encode())
+        second = st.import_json(fresh, owner_id=newcomer.id, data=document)
+        assert contents(fresh, newcomer.id, first.id) == contents(fresh, newcomer.id, second.id) == expected
+        assert stored_photos(fresh) == photos  # byte for byte, under the same names
+        with fresh.session() as session:
+            messages = st.list_messages(session, owner_id=newcomer.id, conversation_id=first.id)
+            markdown = st.export_markdown(session, storage=fresh, owner_id=newcomer.id, conversation_id=first.id)
+        assert_clean_and_content_addressed(fresh, messages)
+        assert markdown.count("![photo](data:image/jpeg;base64,") == 1
+        assert markdown.count("![photo](data:image/png;base64,") == 1
+        assert "**Mipha:**" in markdown and "An answer to 'And this one?'" in markdown
+    with storage.session() as session:
+        messages = st.list_messages(session, owner_id=user.id, conversation_id=again.id)
+    assert_clean_and_content_addressed(storage, messages)
+
+
+def with_photo(document: str, data: bytes, mime: str) -> str:
+    edited = json.loads(document)
+    edited["messages"][0]["image"]["data_uri"] = f"data:{mime};base64,{base64.b64encode(data).decode()}"
+    return json.dumps(edited)
+
+
+@pytest.mark.parametrize(
+    ("name", "photo", "mime"),
+    [
+        ("phone photo with GPS", phone_jpeg(seed=7), "image/jpeg"),
+        ("PNG with a location chunk", png_with_metadata(seed=8), "image/png"),
+        ("JPEG with bytes after its end", jpeg_bytes(color="teal") + b"Location: 52.37N", "image/jpeg"),
+    ],
+)
+def test_an_imported_photo_with_metadata_is_cleaned_like_an_upload(
+    storage: st.Storage, exported, name: str, photo: bytes, mime: str
+) -> None:
+    user, _, document = exported
+    imported = st.import_json(storage, owner_id=user.id, data=with_photo(json.dumps(document), photo, mime))
+    with storage.session() as session:
+        messages = st.list_messages(session, owner_id=user.id, conversation_id=imported.id)
+    assert messages[0].image_sha256 == st.save_image(storage, photo).sha256  # the same as uploading it
+    assert_clean_and_content_addressed(storage, messages)

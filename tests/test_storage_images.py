@@ -9,11 +9,21 @@ import pytest
 from PIL import Image
 
 import storage as st
-from tests.storage_helpers import jpeg_bytes, make_conversation, make_user, png_bytes
+from storage.image_markers import is_clean_jpeg, is_clean_png
+from tests.storage_helpers import (
+    GPS_IFD,
+    MAKE,
+    ORIENTATION,
+    jpeg_bytes,
+    make_conversation,
+    make_user,
+    phone_jpeg,
+    png_bytes,
+    png_with_metadata,
+    textured_image,
+)
 
 pytest_plugins = ("tests.storage_fixtures",)  # the data_dir and storage fixtures
-
-ORIENTATION, MAKE, GPS_IFD = 0x0112, 0x010F, 0x8825
 
 
 def phone_photo(*, latitude: float = 52.37) -> bytes:
@@ -162,3 +172,30 @@ def test_heic_uploads_are_stored_as_jpeg(storage: st.Storage) -> None:
     Image.new("RGB", (16, 12), "red").save(buffer, "HEIF")
     record = st.save_image(storage, buffer.getvalue())
     assert (record.format, record.width, record.height, record.mime_type) == ("JPEG", 16, 12, "image/jpeg")
+
+
+def encoded(format: str, **options: object) -> bytes:
+    buffer = io.BytesIO()
+    textured_image((32, 24), seed=3).save(buffer, format, **options)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("data", "clean"),
+    [
+        (encoded("JPEG", quality=92, optimize=True), True),
+        (encoded("JPEG", progressive=True), True),
+        (encoded("JPEG", restart_marker_blocks=2), True),
+        (encoded("PNG"), True),
+        (phone_jpeg(), False),
+        (encoded("JPEG", comment=b"taken at home"), False),
+        (encoded("JPEG", icc_profile=b"\0" * 128), False),
+        (encoded("JPEG") + b"more", False),
+        (encoded("JPEG")[:-10], False),
+        (png_with_metadata(), False),
+        (encoded("PNG", dpi=(72, 72)), False),
+        (encoded("PNG") + b"more", False),
+    ],
+)
+def test_only_files_holding_nothing_but_the_picture_count_as_clean(data: bytes, clean: bool) -> None:
+    assert (is_clean_jpeg(data) or is_clean_png(data)) is clean

@@ -2,22 +2,15 @@
 
 from __future__ import annotations
 
-import os
-import selectors
-import signal
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
 import pytest
 
 import storage as st
-from tests.storage_helpers import make_conversation, make_user
+from tests.storage_helpers import make_conversation, make_user, reply_child
 
 pytest_plugins = ("tests.storage_fixtures",)  # the data_dir and storage fixtures
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 class FakeClock:
@@ -95,32 +88,16 @@ def test_a_reply_that_grows_past_the_limit_is_stopped(data_dir: Path) -> None:
 
 @pytest.mark.timeout(60)
 def test_reply_killed_with_sigkill_is_shown_as_interrupted_after_restart(data_dir: Path) -> None:
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    child = subprocess.Popen(
-        [sys.executable, str(REPO_ROOT / "tests" / "storage_reply_child.py"), str(data_dir)],
-        cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    try:
-        with selectors.DefaultSelector() as selector:
-            selector.register(child.stdout, selectors.EVENT_READ)
-            assert selector.select(timeout=30), "child did not report READY in 30 s"
-        line = child.stdout.readline()
-        assert line.startswith("READY"), (line, child.stderr.read() if child.poll() is not None else "")
-        child.send_signal(signal.SIGKILL)
-        assert child.wait(timeout=10) == -signal.SIGKILL
-    finally:
-        if child.poll() is None:
-            child.kill()
-        child.stdout.close(), child.stderr.close()
-    _, owner_id, conversation_id, message_id = line.split()
+    with reply_child(data_dir) as child:
+        child.kill()
 
     reopened = st.open_storage(st.StorageConfig(data_dir=data_dir))
     with reopened.session() as session:
-        messages = st.list_messages(session, owner_id=int(owner_id), conversation_id=conversation_id)
+        messages = st.list_messages(session, owner_id=child.owner_id, conversation_id=child.conversation_id)
     reopened.close()
     question, reply = messages
     assert question.text == "What bird?"
-    assert reply.id == int(message_id)
+    assert reply.id == child.message_id
     assert reply.status is st.MessageStatus.INTERRUPTED
     assert reply.text == "The bird in this photo is a European robin, "
 
