@@ -3,6 +3,7 @@
 Nothing here imports a UI or a database. Typical use::
 
     engine = load_engine("zhumj34/Mipha-3B")          # or a folder, or "tiny"
+    engine.prepare(messages, max_new_tokens=256)       # cheap check first: raises ContextOverflowError
     reply = engine.stream(messages, max_new_tokens=256)
     for text in reply:
         ...
@@ -10,7 +11,7 @@ Nothing here imports a UI or a database. Typical use::
 """
 
 from mipha_core.caching import CacheKey
-from mipha_core.engine import CacheSettings, Engine, PreparedPrompt
+from mipha_core.engine import MIN_REPLY_TOKENS, CacheSettings, Engine, PreparedPrompt
 from mipha_core.errors import (
     ContextOverflowError,
     ImageError,
@@ -27,7 +28,7 @@ from mipha_core.loading import DEFAULT_MODEL, TINY_MODEL, load_engine
 from mipha_core.streaming import GenerationOutOfMemoryError, ReplyStats, ReplyStream
 
 __all__ = [
-    "DEFAULT_MODEL", "TINY_MODEL", "CacheKey", "CacheSettings", "ContextOverflowError", "Engine", "GenerationOutOfMemoryError",
+    "DEFAULT_MODEL", "MIN_REPLY_TOKENS", "TINY_MODEL", "CacheKey", "CacheSettings", "ContextOverflowError", "Engine", "GenerationOutOfMemoryError",
     "GenerationParams", "ImageError", "ImageTooLargeError", "InvalidGenerationParamsError", "InvalidImageError",
     "InvalidMessagesError", "MiphaError", "ModelLoadError", "PreparedPrompt", "ReplyStats", "ReplyStream",
     "UnsupportedModelError", "load_engine", "load_image",

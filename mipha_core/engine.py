@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -17,13 +18,16 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from mipha_core.caching import ByteBoundedLRU, CacheKey, PrefixKVCache, image_key
 from mipha_core.conversation import Turn, turns_from_messages
 from mipha_core.errors import ContextOverflowError
-from mipha_core.generation import CancelCriteria, CountingTextStreamer, GenerationParams
+from mipha_core.generation import CancelCriteria, CountingTextStreamer, GenerationParams, InvalidGenerationParamsError
 from mipha_core.modeling import MiphaForConditionalGeneration
 from mipha_core.preprocessing import ImagePreprocessor
 from mipha_core.prompt import PhiPromptStyle
 from mipha_core.streaming import ReplyStream
 
 logger = logging.getLogger(__name__)
+
+MIN_REPLY_TOKENS = 32
+"""The shortest reply budget a question is answered with when a long question leaves less than asked."""
 
 
 @dataclass(frozen=True)
@@ -33,6 +37,8 @@ class PreparedPrompt:
     token_ids: list[int]
     image: Image.Image | None
     dropped_turns: int
+    max_new_tokens: int
+    """The reply budget granted: what was asked, or less when a long question leaves less room."""
 
     @property
     def prompt_tokens(self) -> int:
@@ -56,7 +62,9 @@ class Engine:
 
     Conversation rules: the model sees at most ``context_length`` positions (the image takes
     ``image_tokens``); when a conversation does not fit with room for the reply, whole turns
-    are dropped oldest first, the turn that carries the image last. Mipha was trained with one
+    are dropped oldest first, the turn that carries the image last. If the newest turn alone
+    leaves less room than asked, the reply budget shrinks, to ``MIN_REPLY_TOKENS`` at least;
+    a question that leaves less is refused (``ContextOverflowError``). Mipha was trained with one
     image per conversation, so only the most recent image is sent, at the turn it came with;
     earlier images stay in the history but the model no longer sees them.
     """
@@ -104,21 +112,38 @@ class Engine:
             inputs["pixel_values"] = self._pixel_values(prepared.image)
         return inputs
 
-    def prepare(self, messages: Sequence[dict[str, Any]], *, max_new_tokens: int) -> PreparedPrompt:
-        """Like ``encode`` but also says how many turns were dropped and whether the image went."""
+    def prepare(
+        self,
+        messages: Sequence[dict[str, Any]],
+        *,
+        max_new_tokens: int,
+        min_new_tokens: int = MIN_REPLY_TOKENS,
+    ) -> PreparedPrompt:
+        """Fit ``messages`` into the context window; tokenizing only, the image is not touched.
+
+        Cheap enough to check a question before storing it. Older turns are dropped (see the
+        class) until the reply has ``max_new_tokens`` of room. If the newest turn alone leaves
+        less, the reply gets what is left, down to ``min_new_tokens`` (or ``max_new_tokens`` if
+        smaller); below that ``ContextOverflowError`` says how much the question is too long.
+        """
+        if max_new_tokens < 0 or min_new_tokens < 1:
+            raise InvalidGenerationParamsError(
+                f"max_new_tokens must be >= 0 and min_new_tokens >= 1, got {max_new_tokens} and {min_new_tokens}"
+            )
         turns = turns_from_messages(messages)
         image_turn = _latest_image_turn(turns)
-        kept = list(range(len(turns)))
-        while True:
-            sent_image_turn = kept.index(image_turn) if image_turn in kept else None
-            ids = self._token_ids([turns[i] for i in kept], image_turn=sent_image_turn)
-            if len(ids) + max_new_tokens <= self.context_length:
-                break
-            kept.remove(self._turn_to_drop(kept, image_turn, len(ids), max_new_tokens))
+        kept, ids = self._fit(turns, image_turn=image_turn, room=max_new_tokens)
+        image_sent = image_turn in kept
+        shortest = min(min_new_tokens, max_new_tokens)
+        if len(ids) + shortest > self.context_length:
+            raise self._overflow(
+                turns[-1].question, prompt_tokens=len(ids), image_sent=image_sent, reply_tokens=shortest
+            )
         return PreparedPrompt(
             token_ids=ids,
-            image=turns[image_turn].image if sent_image_turn is not None else None,
+            image=turns[image_turn].image if image_sent else None,
             dropped_turns=len(turns) - len(kept),
+            max_new_tokens=min(max_new_tokens, self.context_length - len(ids)),
         )
 
     def stream(
@@ -130,17 +155,21 @@ class Engine:
         top_p: float = 1.0,
         cancel: threading.Event | None = None,
         cache: CacheKey | None = None,
+        min_new_tokens: int = MIN_REPLY_TOKENS,
     ) -> ReplyStream:
         """Start a reply to the last user message; iterate the result for text.
 
-        With ``cache``, the reply reuses the KV cache that conversation's previous reply left
+        The conversation is fitted as ``prepare`` does it, so a long question may get a reply
+        budget below ``max_new_tokens`` (``ReplyStream.max_new_tokens`` says which). With
+        ``cache``, the reply reuses the KV cache that conversation's previous reply left
         and the owner's cached photo features, and leaves its own for the next question;
         without, nothing is reused or kept. Raises ``ContextOverflowError`` here, before any
         generation, when the last question cannot fit. See ``ReplyStream`` for cancellation and
         for the figures in ``stats``.
         """
         params = GenerationParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
-        prepared = self.prepare(messages, max_new_tokens=params.max_new_tokens)
+        prepared = self.prepare(messages, max_new_tokens=params.max_new_tokens, min_new_tokens=min_new_tokens)
+        params = replace(params, max_new_tokens=prepared.max_new_tokens)
         cancel = cancel or threading.Event()
         config = params.to_generation_config(end_token_id=self.end_token_id, suppressed_ids=self.suppressed_ids)
         image_hash = image_key(prepared.image) if prepared.image is not None else None
@@ -197,16 +226,33 @@ class Engine:
             self.image_features.put(key, features, features.numel() * features.element_size())
         return features
 
-    def _turn_to_drop(self, kept: list[int], image_turn: int | None, prompt_tokens: int, room: int) -> int:
-        older = kept[:-1]
-        without_image = [index for index in older if index != image_turn]
-        if without_image:
-            return without_image[0]
-        if older:
-            return older[0]
-        raise ContextOverflowError(
-            f"the question needs {prompt_tokens} positions plus {room} for the reply, over the model's "
-            f"{self.context_length}: shorten the question or lower max new tokens"
+    def _fit(self, turns: list[Turn], *, image_turn: int | None, room: int) -> tuple[list[int], list[int]]:
+        """Drop turns until ``room`` positions follow the prompt or only the newest is left;
+        returns the indices of the kept turns and the prompt's token ids."""
+        kept = list(range(len(turns)))
+        while True:
+            sent_image_turn = kept.index(image_turn) if image_turn in kept else None
+            ids = self._token_ids([turns[i] for i in kept], image_turn=sent_image_turn)
+            if len(ids) + room <= self.context_length or len(kept) == 1:
+                return kept, ids
+            kept.remove(_turn_to_drop(kept, image_turn))
+
+    def _overflow(
+        self, question: str, *, prompt_tokens: int, image_sent: bool, reply_tokens: int
+    ) -> ContextOverflowError:
+        """The error for a question too long even alone; characters are estimated from its own tokens."""
+        tokens_over = prompt_tokens + reply_tokens - self.context_length
+        question_tokens = len(self.tokenizer(question, add_special_tokens=False).input_ids)
+        characters_over = math.ceil(tokens_over * len(question) / max(question_tokens, 1))
+        photo = f" with the photo (it takes {self.image_tokens} positions)" if image_sent else ""
+        return ContextOverflowError(
+            f"your question is about {tokens_over:,} tokens (roughly {characters_over:,} characters) too long "
+            f"for the model's {self.context_length}-position window{photo}; shorten it",
+            prompt_tokens=prompt_tokens,
+            context_length=self.context_length,
+            image_tokens=self.image_tokens if image_sent else 0,
+            reply_tokens=reply_tokens,
+            characters_over=characters_over,
         )
 
     def _token_ids(self, turns: list[Turn], *, image_turn: int | None) -> list[int]:
@@ -227,6 +273,13 @@ class Engine:
 
     def _vision_dtype(self) -> torch.dtype:
         return self.model.model.vision_tower.embeddings.patch_embedding.weight.dtype
+
+
+def _turn_to_drop(kept: list[int], image_turn: int | None) -> int:
+    """The oldest kept turn before the newest, the one carrying the image only when no other is left."""
+    older = kept[:-1]
+    without_image = [index for index in older if index != image_turn]
+    return (without_image or older)[0]
 
 
 def _latest_image_turn(turns: list[Turn]) -> int | None:

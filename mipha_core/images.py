@@ -1,9 +1,17 @@
-"""Decoding user photos into plain RGB images, refusing bad input before any heavy work."""
+"""Decoding user photos into plain RGB images, refusing bad input before any heavy work.
+
+Memory is bounded by the pixel count, never by the file size or the width/height ratio: the
+header is checked before decoding, and every later step holds at most the image it reads, the
+image it writes and one band of rows (``BAND_PIXELS``) of temporary work. At the default
+64-megapixel limit that is about 512 MB (Pillow keeps RGB and RGBA at 4 bytes a pixel), plus
+what some decoders hold while decoding (progressive JPEG, HEIF and WebP keep a buffer of their own).
+"""
 
 from __future__ import annotations
 
 import functools
 import io
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -14,6 +22,9 @@ from mipha_core.errors import ImageTooLargeError, InvalidImageError
 
 DEFAULT_MAX_PIXELS = 64_000_000
 """Large enough for 48-megapixel phone photos, small enough to refuse decompression bombs."""
+
+BAND_PIXELS = 1 << 20
+"""Pixels converted at a time: a band of float64 gray values is 8 MB, not 8 bytes a pixel of the photo."""
 
 _TRANSPARENT_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 
@@ -41,16 +52,11 @@ def load_image(
     stream = io.BytesIO(source) if isinstance(source, bytes) else source
     try:
         with Image.open(stream) as image:
-            width, height = image.size
-            if width * height > max_pixels:
-                raise ImageTooLargeError(
-                    f"the image is {width}×{height} = {width * height:,} pixels, over the limit of "
-                    f"{max_pixels:,}: resize it and try again"
-                )
+            _check_pixel_count(image, max_pixels)
             image.seek(0)
             image.load()
-            oriented = ImageOps.exif_transpose(image)
-            return _to_rgb(oriented)
+            ImageOps.exif_transpose(image, in_place=True)  # in place: never two rotated copies at once
+            return image.copy() if image.mode == "RGB" else to_rgb(image)  # a copy outlives the closed file
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise ImageTooLargeError(
             f"the image is too large to decode safely: resize it to under {max_pixels:,} pixels and try again"
@@ -63,20 +69,61 @@ def load_image(
         raise InvalidImageError(f"the image could not be decoded, it may be truncated or corrupt ({error})") from error
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
+def _check_pixel_count(image: Image.Image, max_pixels: int) -> None:
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ImageTooLargeError(
+            f"the image is {width}×{height} = {width * height:,} pixels, over the limit of "
+            f"{max_pixels:,}: resize it and try again"
+        )
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """``image`` itself when it is RGB, otherwise an RGB copy converted a band of rows at a time.
+
+    Transparency is composited on white; 16- and 32-bit grayscale is scaled, not clipped.
+    """
+    if image.mode == "RGB":
+        return image
     if image.mode.startswith("I;16") or image.mode in {"I", "F"}:
-        image = _eight_bit_gray(image)
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-    if image.mode in _TRANSPARENT_MODES:
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
+        scale = _gray_scale(image)
+        return _convert_in_bands(image, lambda band: _eight_bit_gray(band, scale).convert("RGB"))
+    if image.mode in _TRANSPARENT_MODES or (image.mode == "P" and "transparency" in image.info):
+        return _convert_in_bands(image, _composite_on_white)
+    return _convert_in_bands(image, lambda band: band.convert("RGB"))
 
 
-def _eight_bit_gray(image: Image.Image) -> Image.Image:
-    """16-bit and 32-bit grayscale hold values up to 65535: scale instead of clipping."""
-    values = np.asarray(image, dtype=np.float64)
-    scale = 255.0 if image.mode == "F" and values.max(initial=0) <= 1.0 else 255.0 / 65535.0
-    return Image.fromarray(np.clip(values * scale, 0, 255).round().astype(np.uint8), mode="L")
+def image_bands(image: Image.Image) -> Iterator[tuple[int, Image.Image]]:
+    """``(top, band)`` for consecutive full-width bands of about ``BAND_PIXELS`` pixels each."""
+    width, height = image.size
+    rows = max(1, BAND_PIXELS // max(width, 1))
+    for top in range(0, height, rows):
+        yield top, image.crop((0, top, width, min(top + rows, height)))
+
+
+def _convert_in_bands(image: Image.Image, convert: Callable[[Image.Image], Image.Image]) -> Image.Image:
+    """Apply the per-pixel ``convert`` band by band: the result equals ``convert(image)``
+    while the temporary work stays one band in size."""
+    output = Image.new("RGB", image.size)
+    for top, band in image_bands(image):
+        output.paste(convert(band), (0, top))
+    return output
+
+
+def _composite_on_white(band: Image.Image) -> Image.Image:
+    rgba = band.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(background, rgba).convert("RGB")
+
+
+def _gray_scale(image: Image.Image) -> float:
+    """16-bit and 32-bit grayscale hold values up to 65535; float images in [0, 1] are scaled by 255."""
+    if image.mode != "F":
+        return 255.0 / 65535.0
+    peak = np.max([np.asarray(band).max(initial=0) for _, band in image_bands(image)])
+    return 255.0 if peak <= 1.0 else 255.0 / 65535.0
+
+
+def _eight_bit_gray(band: Image.Image, scale: float) -> Image.Image:
+    values = np.asarray(band, dtype=np.float64)
+    return Image.fromarray(np.clip(values * scale, 0, 255).round().astype(np.uint8))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Literal
@@ -45,12 +46,14 @@ def load_engine(
 
     ``"tiny"`` builds a small random checkpoint once under ``data_dir`` (offline). ``caches``
     bounds the follow-up caches (default: ``default_cache_settings(device)``). Every failure
-    raises ``ModelLoadError`` whose message says what went wrong and what to do.
+    raises ``ModelLoadError`` whose message says what went wrong and what to do; device, dtype
+    and quantization are checked first, before anything is downloaded or read.
     """
-    folder = resolve_checkpoint(model, data_dir=data_dir)
-    checkpoint = read_checkpoint_config(folder)
+    _check_quantization(quantization)
     torch_device = choose_device(device)
     torch_dtype = choose_dtype(dtype, torch_device)
+    folder = resolve_checkpoint(model, data_dir=data_dir)
+    checkpoint = read_checkpoint_config(folder)
     logger.info("loading %s on %s as %s%s%s", model, torch_device, torch_dtype,
                 f" ({quantization})" if quantization else "",
                 " (the CPU computes bf16 natively)" if torch_device.type == "cpu" and dtype == "auto"
@@ -60,12 +63,18 @@ def load_engine(
     return Engine(
         model=mipha,
         tokenizer=tokenizer,
-        preprocessor=ImagePreprocessor.from_checkpoint(folder, image_size=checkpoint.image_size),
+        preprocessor=_load_preprocessor(folder, checkpoint),
         model_id=model,
         context_length=checkpoint.context_length,
         image_tokens=checkpoint.image_tokens,
         caches=caches or default_cache_settings(torch_device),
     )
+
+
+def _check_quantization(quantization: str | None) -> None:
+    if quantization not in (None, "8bit", "4bit"):
+        raise ModelLoadError(f"quantization must be None, '8bit' or '4bit', got {quantization!r}: "
+                             "use --load-8bit or --load-4bit, or neither")
 
 
 def default_cache_settings(device: torch.device) -> CacheSettings:
@@ -78,8 +87,8 @@ def default_cache_settings(device: torch.device) -> CacheSettings:
 def resolve_checkpoint(model: str, *, data_dir: Path) -> Path:
     """The local folder holding ``model``: built for "tiny", downloaded for a Hub id."""
     if model == TINY_MODEL:
-        return ensure_tiny_checkpoint(data_dir / TINY_FOLDER)
-    path = Path(model).expanduser()
+        return _tiny_checkpoint(data_dir)
+    path = _expanded(model)
     if path.is_dir():
         return path
     if path.exists():
@@ -87,6 +96,23 @@ def resolve_checkpoint(model: str, *, data_dir: Path) -> Path:
     if model.startswith((".", "/", "~")) or model.count("/") != 1:
         raise ModelLoadError(f"{model} is neither an existing folder nor a Hub id like zhumj34/Mipha-3B")
     return _download(model)
+
+
+def _tiny_checkpoint(data_dir: Path) -> Path:
+    try:
+        return ensure_tiny_checkpoint(data_dir / TINY_FOLDER)
+    except OSError as error:
+        raise ModelLoadError(
+            f"could not write the tiny model under {data_dir} ({error}): use --data-dir with a writable folder"
+        ) from error
+
+
+def _expanded(model: str) -> Path:
+    """``~`` expanded where it can be; ``~unknown-user/x`` stays as written (and is then not found)."""
+    try:
+        return Path(model).expanduser()
+    except RuntimeError:
+        return Path(model)
 
 
 def _download(repo_id: str) -> Path:
@@ -107,7 +133,7 @@ def _load_tokenizer(folder: Path, checkpoint: MiphaCheckpointConfig) -> PreTrain
         raise ModelLoadError(f"{folder} has no tokenizer (tokenizer.json or vocab.json): download the model again")
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, config=checkpoint.llava)
-    except (OSError, ValueError) as error:
+    except Exception as error:  # noqa: BLE001 - a malformed tokenizer.json raises plain Exception from the Rust library
         raise ModelLoadError(f"the tokenizer in {folder} could not be read ({error}): download the model again") from error
     if len(tokenizer) >= checkpoint.llava.text_config.vocab_size:
         raise ModelLoadError(
@@ -115,6 +141,15 @@ def _load_tokenizer(folder: Path, checkpoint: MiphaCheckpointConfig) -> PreTrain
             "the folder mixes files from different models"
         )
     return tokenizer
+
+
+def _load_preprocessor(folder: Path, checkpoint: MiphaCheckpointConfig) -> ImagePreprocessor:
+    try:
+        return ImagePreprocessor.from_checkpoint(folder, image_size=checkpoint.image_size)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError, ValueError) as error:
+        raise ModelLoadError(
+            f"{folder / 'preprocessor_config.json'} could not be used ({error}): download the model again"
+        ) from error
 
 
 def _load_model(
@@ -137,16 +172,43 @@ def _load_model(
             device_map={"": str(device)},
             quantization_config=None if packed_on_cpu else _quantization_config(quantization, dtype),
         )
-    except (torch.OutOfMemoryError, MemoryError) as error:
-        raise ModelLoadError(f"out of memory while loading the model on {device}: try --load-8bit or --load-4bit") from error
-    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
-        if "out of memory" in str(error).lower():
-            raise ModelLoadError(f"out of memory while loading the model on {device}: try --load-8bit or --load-4bit") from error
-        raise ModelLoadError(f"the weights in {folder} could not be loaded ({error}): download the model again") from error
+    except (MemoryError, ImportError, SafetensorError, OSError, ValueError, RuntimeError) as error:
+        raise _load_failure(error, folder=folder, device=device, dtype=dtype, quantization=quantization) from error
     if packed_on_cpu:
-        replaced = quantize_linears(model.model.language_model, bits=8 if quantization == "8bit" else 4)
-        logger.info("quantized %d language-model layers to %s with torch's packed CPU kernels", replaced, quantization)
+        _quantize_on_cpu(model, quantization)
     return model.eval()
+
+
+def _load_failure(
+    error: Exception, *, folder: Path, device: torch.device, dtype: torch.dtype, quantization: Quantization | None
+) -> ModelLoadError:
+    """What a failed ``from_pretrained`` means: memory ran out, a package is missing, the files are
+    damaged, or this device, dtype and quantization cannot hold the model."""
+    if isinstance(error, (MemoryError, torch.OutOfMemoryError)) or "out of memory" in str(error).lower():
+        return ModelLoadError(f"out of memory while loading the model on {device}: try --load-8bit or --load-4bit")
+    if isinstance(error, ImportError):
+        return ModelLoadError(f"--load-{quantization} needs a package that is missing ({error}): "
+                              "pip install bitsandbytes, or load without quantization")
+    if isinstance(error, (SafetensorError, OSError)):
+        return ModelLoadError(f"the weights in {folder} could not be loaded ({error}): download the model again")
+    setup = f"{device} as {str(dtype).removeprefix('torch.')}"
+    if quantization:
+        setup += f" with {quantization} weights"
+    return ModelLoadError(
+        f"the model in {folder} could not be loaded on {setup} ({error}): try --device cpu --dtype float32 "
+        "without quantization, and if that fails too, download the model again"
+    )
+
+
+def _quantize_on_cpu(model: MiphaForConditionalGeneration, quantization: Quantization) -> None:
+    try:
+        replaced = quantize_linears(model.model.language_model, bits=8 if quantization == "8bit" else 4)
+    except RuntimeError as error:
+        raise ModelLoadError(
+            f"this PyTorch could not quantize the model to {quantization} on the CPU ({error}): "
+            "load without quantization or with --dtype float32"
+        ) from error
+    logger.info("quantized %d language-model layers to %s with torch's packed CPU kernels", replaced, quantization)
 
 
 def uses_packed_cpu_kernels(device: torch.device, dtype: torch.dtype) -> bool:

@@ -30,6 +30,8 @@ class ReplyStats:
     finish_reason: FinishReason
     prompt_tokens: int
     completion_tokens: int
+    max_new_tokens: int
+    """The reply budget granted, which a long question can make smaller than the one asked for."""
     dropped_turns: int
     reused_tokens: int
     """Prompt tokens whose KV states came from an earlier turn's cache instead of a prefill."""
@@ -54,7 +56,8 @@ class ReplyStream:
     stops it at the next token; leaving the loop early (``break``, a closed generator, a
     disconnected client) sets ``cancel`` too and waits for the thread, so no work outlives
     the reader. An exception raised on the worker is re-raised to the reader.
-    ``prompt_tokens``, ``dropped_turns`` and ``reused_tokens`` are known before iteration starts.
+    ``prompt_tokens``, ``max_new_tokens`` (the reply budget granted), ``dropped_turns`` and
+    ``reused_tokens`` are known before iteration starts.
     """
 
     def __init__(
@@ -75,7 +78,7 @@ class ReplyStream:
         self.prompt_tokens = prompt_tokens
         self.dropped_turns = dropped_turns
         self.reused_tokens = reused_tokens
-        self._max_new_tokens = max_new_tokens
+        self.max_new_tokens = max_new_tokens
         self._end_token_id = end_token_id
         self._error: BaseException | None = None
         self._last_token: int | None = None
@@ -141,7 +144,7 @@ class ReplyStream:
         produced = self._streamer.generated_tokens
         if self._last_token == self._end_token_id:
             reason: FinishReason = "stop"
-        elif produced >= self._max_new_tokens:
+        elif produced >= self.max_new_tokens:
             reason = "length"
         else:
             reason = "cancelled"
@@ -150,6 +153,7 @@ class ReplyStream:
             finish_reason=reason,
             prompt_tokens=self.prompt_tokens,
             completion_tokens=produced,
+            max_new_tokens=self.max_new_tokens,
             dropped_turns=self.dropped_turns,
             reused_tokens=self.reused_tokens,
             vision_seconds=self._streamer.vision_seconds,

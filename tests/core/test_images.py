@@ -8,10 +8,12 @@ import zlib
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from mipha_core import ImageTooLargeError, InvalidImageError, load_image
-from mipha_core.preprocessing import pad_to_square
+from mipha_core.images import to_rgb
+from mipha_core.preprocessing import MAX_SIDE, pad_and_resize, shrink_to_side
 
 
 def encoded(image: Image.Image, fmt: str, **options) -> bytes:
@@ -20,16 +22,17 @@ def encoded(image: Image.Image, fmt: str, **options) -> bytes:
     return buffer.getvalue()
 
 
-def test_pad_to_square_centres_the_image_on_the_mean_colour():
+def test_padding_centres_the_image_on_the_mean_colour():
+    """Resized to its own square, ``pad_and_resize`` is pure padding: Mipha's ``expand2square``."""
     image = Image.new("RGB", (300, 100), (10, 200, 30))
-    square = pad_to_square(image, (127, 127, 127))
+    square = pad_and_resize(image, (300, 300), background=(127, 127, 127))
     assert square.size == (300, 300)
     assert square.getpixel((0, 0)) == (127, 127, 127)
     assert square.getpixel((150, 99)) == (127, 127, 127)
     assert square.getpixel((150, 100)) == (10, 200, 30)
     assert square.getpixel((150, 199)) == (10, 200, 30)
     assert square.getpixel((150, 200)) == (127, 127, 127)
-    tall = pad_to_square(Image.new("RGB", (101, 300), (1, 2, 3)), (127, 127, 127))
+    tall = pad_and_resize(Image.new("RGB", (101, 300), (1, 2, 3)), (300, 300), background=(127, 127, 127))
     assert tall.getpixel((99, 150)) == (1, 2, 3) and tall.getpixel((98, 150)) == (127, 127, 127)
 
 
@@ -131,3 +134,74 @@ def test_pixel_limit_is_configurable():
     with pytest.raises(ImageTooLargeError, match="10,000 pixels"):
         load_image(data, max_pixels=5_000)
     assert load_image(data, max_pixels=10_000).size == (100, 100)
+
+
+def converted_at_once(image: Image.Image) -> Image.Image:
+    """The conversion as it was written before it worked in bands: the reference it must match."""
+    if image.mode.startswith("I;16") or image.mode in {"I", "F"}:
+        values = np.asarray(image, dtype=np.float64)
+        scale = 255.0 if image.mode == "F" and values.max(initial=0) <= 1.0 else 255.0 / 65535.0
+        image = Image.fromarray(np.clip(values * scale, 0, 255).round().astype(np.uint8))
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in {"RGBA", "LA", "PA"}:
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def noise(mode: str, size: tuple[int, int] = (1100, 1000)) -> Image.Image:
+    """Random pixels in ``mode``, more than one conversion band tall."""
+    rng = np.random.default_rng(7)
+    width, height = size
+    arrays = {
+        "I;16": lambda: rng.integers(0, 65536, (height, width), dtype=np.uint16),
+        "I": lambda: rng.integers(-1000, 70000, (height, width), dtype=np.int32),
+        "F": lambda: rng.random((height, width), dtype=np.float32),
+        "F>1": lambda: rng.random((height, width), dtype=np.float32) * 300,
+    }
+    if mode in arrays:
+        return Image.fromarray(arrays[mode]())
+    if mode.startswith("P"):
+        paletted = Image.fromarray(rng.integers(0, 64, (height, width), dtype=np.uint8))
+        paletted.putpalette(rng.integers(0, 256, 64 * 3, dtype=np.uint8).tobytes())
+        if mode == "P+transparency":
+            paletted.info["transparency"] = 5
+        return paletted
+    return Image.fromarray(rng.integers(0, 256, (height, width, 4), dtype=np.uint8)).convert(mode)
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I", "F", "F>1", "RGBA", "LA", "P+transparency", "P", "CMYK", "L", "1"])
+def test_converting_in_bands_matches_converting_at_once(mode):
+    image = noise(mode)
+    converted = to_rgb(image)
+    assert converted.mode == "RGB" and converted.size == image.size
+    assert np.array_equal(np.asarray(converted), np.asarray(converted_at_once(image)))
+
+
+def test_rgb_needs_no_conversion():
+    image = Image.new("RGB", (10, 10))
+    assert to_rgb(image) is image
+
+
+def test_only_sides_past_the_bound_are_shrunk():
+    at_bound = Image.new("RGB", (MAX_SIDE, 3))
+    assert shrink_to_side(at_bound, MAX_SIDE) is at_bound
+    assert shrink_to_side(Image.new("RGB", (MAX_SIDE + 1, 3)), MAX_SIDE).size == (MAX_SIDE // 2 + 1, 2)
+    assert shrink_to_side(Image.new("RGB", (5, 3 * MAX_SIDE)), MAX_SIDE).size == (2, MAX_SIDE)
+
+
+def test_preprocessing_composites_transparency_like_decoding(engine):
+    clear = Image.new("RGBA", (40, 40), (0, 0, 0, 0))
+    pixels = engine.preprocessor(clear)
+    assert torch.equal(pixels, engine.preprocessor(load_image(encoded(clear, "PNG"))))
+    assert float(pixels.min()) == pytest.approx(1.0)
+
+
+def test_a_very_wide_photo_is_preprocessed_not_refused(engine):
+    """Past ``MAX_SIDE`` the photo is shrunk first: the strip in the middle still shows."""
+    strip = Image.new("RGB", (MAX_SIDE * 2 + 10, 300), (255, 0, 0))
+    pixels = engine.preprocessor(strip)
+    assert pixels.shape == (1, 3, 384, 384)
+    assert pixels[0, :, 192, 192].tolist() == pytest.approx([1.0, -1.0, -1.0], abs=0.02)
+    assert pixels[0, :, 0, 192].tolist() == pytest.approx([127 / 255 * 2 - 1] * 3, abs=1e-6)

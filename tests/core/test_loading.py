@@ -149,3 +149,64 @@ def test_cache_budgets_default_by_device_and_can_be_set(tiny_checkpoint):
     reply = off.stream([user("Hi")], max_new_tokens=3)
     reply.text()
     assert off.kv_cache.nbytes == 0 and reply.stats.reused_tokens == 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_cuda_without_a_gpu_says_how_to_go_on(tmp_path):
+    with pytest.raises(ModelLoadError, match="--device cuda was asked for but .*Use --device cpu or --device auto"):
+        load_engine("tiny", device="cuda", dtype="float32", data_dir=tmp_path)
+    assert not (tmp_path / "models").exists(), "the device is checked before anything is built or downloaded"
+
+
+def test_a_gpu_index_that_does_not_exist_is_named(tmp_path):
+    missing = f"cuda:{torch.cuda.device_count() + 3}"
+    with pytest.raises(ModelLoadError, match=f"--device {missing} was asked for but"):
+        load_engine("tiny", device=missing, dtype="float32", data_dir=tmp_path)
+
+
+@pytest.mark.skipif(torch.backends.mps.is_available(), reason="this machine has an Apple GPU")
+def test_mps_without_an_apple_gpu_says_how_to_go_on(tmp_path):
+    with pytest.raises(ModelLoadError, match="--device mps was asked for but .*Use --device cpu"):
+        load_engine("tiny", device="mps", data_dir=tmp_path)
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"device": "gpu"}, "--device gpu is not a device: use auto, cpu, cuda"),
+    ({"device": "meta"}, "--device meta is not supported"),
+    ({"device": "cpu", "dtype": "int8"}, "--dtype int8 is not a dtype: use auto, float32"),
+    ({"device": "cpu", "quantization": "3bit"}, "quantization must be None, '8bit' or '4bit', got '3bit'"),
+])
+def test_bad_settings_are_refused_before_the_download(monkeypatch, tmp_path, options, message):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    with pytest.raises(ModelLoadError, match=message):
+        load_engine("zhumj34/Mipha-3B", data_dir=tmp_path, **options)
+
+
+def test_bfloat16_on_a_gpu_without_it_is_refused(monkeypatch):
+    """The one check that needs a GPU's answer: it is asked of torch, so torch is told the answer."""
+    from mipha_core.devices import choose_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: False)
+    with pytest.raises(ModelLoadError, match="cannot compute in bfloat16. Use --dtype float16"):
+        choose_dtype("bfloat16", torch.device("cuda"))
+    assert choose_dtype("auto", torch.device("cuda")) == torch.float16
+
+
+@pytest.mark.parametrize("content", ["{not json", '{"size": {"shortest_edge": 384}}', '{"image_mean": "grey"}'])
+def test_a_bad_preprocessor_config_is_reported(checkpoint_copy, content):
+    (checkpoint_copy / "preprocessor_config.json").write_text(content)
+    with pytest.raises(ModelLoadError, match="preprocessor_config.json could not be used"):
+        load_engine(str(checkpoint_copy), device="cpu", dtype="float32")
+
+
+@pytest.mark.parametrize("content", ['{"a": 1}', '{"version": "1.0", "added_tokens": [], "model": {}}'])
+def test_a_malformed_tokenizer_is_reported(checkpoint_copy, content):
+    (checkpoint_copy / "tokenizer.json").write_text(content)
+    with pytest.raises(ModelLoadError, match="the tokenizer in .* could not be read"):
+        load_engine(str(checkpoint_copy), device="cpu", dtype="float32")
+
+
+def test_an_unknown_home_folder_is_just_not_found(tmp_path):
+    with pytest.raises(ModelLoadError, match="neither an existing folder"):
+        load_engine("~no-such-user-here/Mipha-3B", device="cpu", data_dir=tmp_path)

@@ -102,3 +102,19 @@ def test_ids_past_the_tokenizer_never_win(engine, photo):
     with torch.no_grad():
         logits = engine.model(**engine.encode([user("Hello", photo)])).logits[0]
     assert int(logits.argmax(-1).max()) < len(engine.tokenizer)
+
+
+def padded_then_processed(processor, image: Image.Image) -> torch.Tensor:
+    """The plain path: the whole square canvas built, then the SigLIP processor on it."""
+    side = max(image.size)
+    canvas = Image.new("RGB", (side, side), (127, 127, 127))
+    canvas.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
+    return processor(images=canvas, return_tensors="pt")["pixel_values"]
+
+
+@pytest.mark.parametrize("size", [(4000, 3000), (1200, 1600), (201, 517), (3000, 40), (384, 384), (50, 50), (1, 1)])
+def test_pixel_values_are_bit_identical_to_padding_the_whole_canvas(engine, size):
+    """Without the square canvas, normal photos (noise, the hardest case for rounding) get the same bits."""
+    width, height = size
+    image = Image.fromarray(np.random.default_rng(3).integers(0, 256, (height, width, 3), dtype=np.uint8))
+    assert torch.equal(engine.preprocessor(image), padded_then_processed(engine.preprocessor.processor, image))
