@@ -1,30 +1,130 @@
-"""Pure text helpers for the page: escaping, footers, relative times. No gradio, no I/O."""
+"""Pure text helpers for the page: Markdown rendering, footers, relative times. No gradio, no I/O.
+
+Every text a person or a model wrote (questions, replies, imported conversations) is shown through
+`render_markdown`: markdown-it with raw HTML off, whose output can make the browser fetch nothing
+and run nothing. The chatbot shows that HTML as is (`render_markdown=False` in `app.ui`).
+"""
 
 from __future__ import annotations
 
-import html
-import re
+from collections.abc import Sequence
 from datetime import UTC, datetime
+from functools import cache
+from urllib.parse import urlsplit
 
-# Fenced code blocks (``` or ~~~) and inline code spans keep their text as is: Markdown shows
-# their content literally already, and escaping there would print "&lt;" to the user.
-_CODE = re.compile(r"(^|\n)(```|~~~)[^\n]*\n.*?(\n\2[^\n]*(?=\n|$)|$)|(`+)[^`\n]+?\4", re.S)
+from markdown_it import MarkdownIt
+from markdown_it.common.utils import escapeHtml
+from markdown_it.renderer import RendererHTML
+from markdown_it.token import Token
+from markdown_it.utils import EnvType, OptionsDict
+
+LINK_REL = "noopener noreferrer nofollow"
+_WEB_SCHEMES = ("http", "https")
+_IN_LINK = "mipha_in_link"  # key in markdown-it's per-render `env`
 
 
-def escape_html(text: str) -> str:
-    """Make any HTML in `text` show as text, never as markup, while Markdown still renders.
+def render_markdown(text: str) -> str:
+    """`text` as HTML: Markdown renders; raw HTML, images and unsafe links show as text.
 
-    The chatbot renders Markdown, which passes raw HTML through; its sanitizer removes scripts
-    but would still render `<img>` or `<a>` that a model or a user wrote. Escaping `<`, `>` and
-    `&` outside code keeps both intact as visible characters.
+    Tabs become `&#9;` (the same character to the browser) because Gradio passes every text
+    message through `inspect.cleandoc`, which would expand them to spaces.
     """
-    out, last = [], 0
-    for match in _CODE.finditer(text):
-        out.append(html.escape(text[last : match.start()], quote=False))
-        out.append(match.group(0))
-        last = match.end()
-    out.append(html.escape(text[last:], quote=False))
-    return "".join(out)
+    return _markdown().render(text).replace("\t", "&#9;")
+
+
+def is_safe_link(url: str) -> bool:
+    """Whether a link may point at `url`: absolute http(s) with a host, or mailto.
+
+    An allowlist, not markdown-it's blocklist: relative and protocol-relative URLs
+    (`/x`, `//evil/`) and every other scheme (`javascript:`, `data:`, `vbscript:`) are refused.
+    """
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # e.g. an unclosed IPv6 bracket
+        return False
+    scheme = parts.scheme.lower()
+    if scheme == "mailto":
+        return bool(parts.path)
+    return scheme in _WEB_SCHEMES and bool(parts.netloc) and url[len(scheme):].startswith("://")
+
+
+class _SafeRenderer(RendererHTML):
+    """markdown-it's HTML renderer with the rules that decide what the browser may fetch.
+
+    Methods named after token types are render rules (markdown-it collects them by name).
+    Line breaks appear only inside code blocks: the chatbot lays out its HTML with
+    `white-space: pre-line`, where the newlines markdown-it puts between tags would show
+    as blank lines.
+    """
+
+    def renderToken(self, tokens: Sequence[Token], idx: int, options: OptionsDict, env: EnvType) -> str:
+        return super().renderToken(tokens, idx, options, env).replace("\n", "")
+
+    def fence(self, tokens: Sequence[Token], idx: int, options: OptionsDict, env: EnvType) -> str:
+        _end_with_newline(tokens[idx])
+        return super().fence(tokens, idx, options, env).removesuffix("\n")
+
+    def code_block(self, tokens: Sequence[Token], idx: int, options: OptionsDict, env: EnvType) -> str:
+        _end_with_newline(tokens[idx])
+        return super().code_block(tokens, idx, options, env).removesuffix("\n")
+
+    def softbreak(self, tokens: Sequence[Token], idx: int, options: OptionsDict, env: EnvType) -> str:
+        return "<br>"
+
+    def hardbreak(self, tokens: Sequence[Token], idx: int, options: OptionsDict, env: EnvType) -> str:
+        return "<br>"
+
+    def image(self, tokens: Sequence[Token], idx: int, options: OptionsDict, env: EnvType) -> str:
+        """An image is never loaded: it shows as "[image: alt]", a link to it where that is safe."""
+        token = tokens[idx]
+        alt = self.renderInlineAsText(token.children, options, env).strip()
+        label = escapeHtml(f"[image: {alt}]" if alt else "[image]")
+        src = str(token.attrGet("src") or "")
+        if not is_safe_link(src) or env.get(_IN_LINK):  # no <a> inside an <a>
+            return label
+        return f'<a href="{escapeHtml(src)}" target="_blank" rel="{LINK_REL}">{label}</a>'
+
+    def link_open(self, tokens: Sequence[Token], idx: int, options: OptionsDict, env: EnvType) -> str:
+        """Links open in a new tab, tell the target nothing, and keep only a safe href.
+
+        `validateLink` already refuses unsafe links while parsing; checking again here keeps
+        that true for links any future rule creates.
+        """
+        token = tokens[idx]
+        if not is_safe_link(str(token.attrGet("href") or "")):
+            token.attrs.pop("href", None)
+        token.attrSet("target", "_blank")
+        token.attrSet("rel", LINK_REL)
+        env[_IN_LINK] = True
+        return self.renderToken(tokens, idx, options, env)
+
+    def link_close(self, tokens: Sequence[Token], idx: int, options: OptionsDict, env: EnvType) -> str:
+        env[_IN_LINK] = False
+        return self.renderToken(tokens, idx, options, env)
+
+    def html_block(self, tokens: Sequence[Token], idx: int, options: OptionsDict, env: EnvType) -> str:
+        """Raw HTML is off in the parser; should any reach here, it shows as text."""
+        return escapeHtml(tokens[idx].content)
+
+    def html_inline(self, tokens: Sequence[Token], idx: int, options: OptionsDict, env: EnvType) -> str:
+        return escapeHtml(tokens[idx].content)
+
+
+def _end_with_newline(token: Token) -> None:
+    """Code that ends the text unclosed lacks its last newline; with it, `</code>` starts a line,
+    so Gradio's `inspect.cleandoc` of the message finds no common indent to strip from the code."""
+    if token.content and not token.content.endswith("\n"):
+        token.content += "\n"
+
+
+@cache
+def _markdown() -> MarkdownIt:
+    """CommonMark with raw HTML off, plus tables and strikethrough; single newlines break lines."""
+    md = MarkdownIt("commonmark", {"html": False, "breaks": True, "xhtmlOut": False},
+                    renderer_cls=_SafeRenderer)
+    md.enable(["table", "strikethrough"])
+    md.validateLink = is_safe_link  # checked for links, images, autolinks and references while parsing
+    return md
 
 
 def reply_footer(*, tokens_per_second: float | None, completion_tokens: int | None, finish_reason: str | None,
@@ -55,7 +155,7 @@ def reply_footer(*, tokens_per_second: float | None, completion_tokens: int | No
         parts.append("cut at the token limit")
     if not parts:
         return ""
-    return f'\n\n<span class="reply-footer">{" · ".join(parts)}</span>'
+    return f'<span class="reply-footer">{" · ".join(parts)}</span>'
 
 
 def relative_time(then: datetime, *, now: datetime | None = None) -> str:

@@ -8,12 +8,15 @@ from typing import Any
 
 from PIL.Image import Image
 
-from app.render import escape_html, relative_time, reply_footer
+from app.render import relative_time, render_markdown, reply_footer
 from storage import ConversationRecord, MessageRecord, MessageStatus, Role
 
 
 def chatbot_messages(records: Sequence[MessageRecord], *, image_file: Callable[[str], Path | None]) -> list[dict]:
-    """Chatbot messages (Gradio messages format): a photo, then its question, then the reply."""
+    """Chatbot messages (Gradio messages format): a photo, then its question, then the reply.
+
+    Text content is HTML from `render_markdown`, which the chatbot shows without parsing it again.
+    """
     shown: list[dict] = []
     for record in records:
         if record.role is Role.USER:
@@ -21,14 +24,14 @@ def chatbot_messages(records: Sequence[MessageRecord], *, image_file: Callable[[
             if path is not None:
                 shown.append({"role": "user", "content": {"path": str(path), "alt_text": "your photo"}})
             if record.text.strip():
-                shown.append({"role": "user", "content": escape_html(record.text)})
+                shown.append({"role": "user", "content": render_markdown(record.text)})
         else:
             shown.append({"role": "assistant", "content": assistant_text(record)})
     return shown
 
 
 def assistant_text(record: MessageRecord) -> str:
-    """The reply as shown: escaped text plus its footer (speed, length, cache reuse, how it ended)."""
+    """The reply as shown: rendered text, then its own footer (speed, length, cache reuse, how it ended)."""
     done = record.status is not MessageStatus.PARTIAL
     seconds = record.duration_seconds
     tokens = record.completion_tokens
@@ -42,7 +45,7 @@ def assistant_text(record: MessageRecord) -> str:
         finish_reason=record.finish_reason,
         status=record.status.value,
     )
-    text = escape_html(record.text) if record.text else ("…" if record.status is MessageStatus.PARTIAL else "")
+    text = render_markdown(record.text) if record.text else ("…" if record.status is MessageStatus.PARTIAL else "")
     return text + footer
 
 
