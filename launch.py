@@ -13,7 +13,7 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from app.settings import Credential, Settings
@@ -33,6 +33,11 @@ def _env_int(environ: Mapping[str, str], name: str) -> int | None:
         return int(value)
     except ValueError:
         raise SystemExit(f"{name} must be a whole number, got {value!r}") from None
+
+
+def _env_int_or(environ: Mapping[str, str], name: str, default: int) -> int:
+    value = _env_int(environ, name)
+    return default if value is None else value
 
 
 def _env_bool(environ: Mapping[str, str], name: str) -> bool:
@@ -94,6 +99,15 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     server.add_argument("--concurrency", type=int, default=int(env("MIPHA_CONCURRENCY", "1")),
                         help="replies generated at the same time; others wait in the queue and see their "
                         "position [MIPHA_CONCURRENCY]")
+    server.add_argument("--show-api", action="store_true", default=_env_bool(environ, "MIPHA_SHOW_API"),
+                        help="publish Gradio's API page and schema (off: they answer 404) [MIPHA_SHOW_API]")
+    server.add_argument("--max-upload-mb", type=int, default=_env_int_or(environ, "MIPHA_MAX_UPLOAD_MB", 20),
+                        help="largest photo one upload may carry [MIPHA_MAX_UPLOAD_MB]")
+    server.add_argument("--uploads-per-minute", type=int, default=_env_int_or(environ, "MIPHA_UPLOADS_PER_MINUTE", 10),
+                        help="photo uploads one visitor (user, else address) may start per minute "
+                        "[MIPHA_UPLOADS_PER_MINUTE]")
+    server.add_argument("--upload-mb-per-hour", type=int, default=_env_int_or(environ, "MIPHA_UPLOAD_MB_PER_HOUR", 200),
+                        help="upload volume one visitor may send per hour [MIPHA_UPLOAD_MB_PER_HOUR]")
 
     access = parser.add_argument_group("access")
     access.add_argument("--auth", action="append", metavar="USER:PASS", default=None,
@@ -150,6 +164,8 @@ def settings_from_args(argv: Sequence[str] | None, environ: Mapping[str, str]) -
             host=args.host, port=args.port, share=args.share, auth=auth,
             data_dir=args.data_dir, database_url=args.database_url,
             max_new_tokens=args.max_new_tokens, concurrency=args.concurrency, kv_cache_mb=args.kv_cache_mb,
+            show_api=args.show_api, max_upload_mb=args.max_upload_mb, uploads_per_minute=args.uploads_per_minute,
+            upload_mb_per_hour=args.upload_mb_per_hour,
             on_space=bool(environ.get("SPACE_ID")),
             oauth_enabled=bool(environ.get("SPACE_ID") and environ.get("OAUTH_CLIENT_ID")),
             zero_gpu=environ.get("SPACES_ZERO_GPU", "").lower() in TRUE_WORDS,
@@ -170,9 +186,11 @@ def open_services(settings: Settings):
     from app.model_slot import ModelSlot
     from app.services import Services, browser_state_key
     from mipha_core import CacheSettings, load_engine
-    from storage import StorageConfig, open_storage
+    from storage import StorageConfig, StorageLimits, open_storage
 
-    storage = open_storage(StorageConfig(data_dir=settings.data_dir, database_url=settings.database_url))
+    limits = StorageLimits(max_image_bytes=settings.max_upload_mb * 1024**2)  # the upload cap, in both layers
+    storage = open_storage(StorageConfig(data_dir=settings.data_dir, database_url=settings.database_url,
+                                         limits=limits))
     model = ModelSlot(settings.model)
     caches = None if settings.kv_cache_mb is None else CacheSettings(kv_cache_bytes=settings.kv_cache_mb * 1024**2)
     model.load_in_background(lambda: load_engine(
@@ -182,9 +200,11 @@ def open_services(settings: Settings):
                     browser_state_key=browser_state_key(settings.data_dir))
 
 
-def launch_options(settings: Settings) -> dict:
-    """Keyword arguments for `gr.Blocks.launch`."""
+def launch_options(settings: Settings, *, photo_exists: Callable[[str], bool]) -> dict:
+    """Keyword arguments for `gr.Blocks.launch`; `photo_exists` tells the guard which photos are still stored."""
+    from app.services import BROWSER_KEY_FILE
     from app.ui import CSS
+    from app.web import app_kwargs
 
     return {
         "server_name": settings.host,
@@ -192,12 +212,29 @@ def launch_options(settings: Settings) -> dict:
         "share": settings.share,
         "auth": [(c.username, c.password) for c in settings.auth] or None,
         "auth_message": "Mipha Chat: sign in with the user name and password you were given.",
-        "allowed_paths": [str(settings.images_dir.resolve())],  # the photos only, never the database
+        "allowed_paths": [str(settings.images_dir.resolve())],  # copied into the cache; the guard serves only copies
+        "blocked_paths": [str(settings.data_dir.resolve() / BROWSER_KEY_FILE)],
         "max_file_size": f"{settings.max_upload_mb}mb",
         "css": CSS,
         "show_error": True,
-        "footer_links": ["gradio", "settings"],
+        "footer_links": ["api", "gradio", "settings"] if settings.show_api else ["gradio", "settings"],
+        "enable_monitoring": False,
+        "run_history": False,  # would keep questions and photos in the browser's storage
+        "mcp_server": False,
+        "ssr_mode": False,  # a Node server in front would answer without the guard
+        "num_workers": 0,  # static-file workers, on ports of their own, would bypass the guard too
+        "app_kwargs": app_kwargs(settings, photo_exists=photo_exists, inner=visitor_middleware(settings)),
     }
+
+
+def visitor_middleware(settings: Settings) -> list:
+    """Inside the guard: the anonymous visitor's cookie, then each Gradio session bound to its browser."""
+    from starlette.middleware import Middleware
+
+    from app.session_binding import SessionBindingMiddleware
+    from app.visitor import VisitorCookieMiddleware
+
+    return [Middleware(VisitorCookieMiddleware, cross_site=settings.on_space), Middleware(SessionBindingMiddleware)]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -205,11 +242,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     configure_logging(log_level)
     if settings.exposure_warning:
         log.warning(settings.exposure_warning)
-    from app.ui import build_app  # gradio, torch and the database load only once the flags are valid
+    from app.web import prepare_temp_dir, stored_photo_lookup
 
-    services = open_services(settings)
+    services = open_services(settings)  # locks the data dir first: its temp dir is then ours to empty
     log.info("Data directory: %s", settings.data_dir.resolve())
-    build_app(services).launch(**launch_options(settings))
+    prepare_temp_dir(settings.temp_dir)  # before gradio is imported: it reads GRADIO_TEMP_DIR then
+    import gradio as gr
+
+    from app.ui import ASSETS, build_app
+
+    gr.set_static_paths([str(ASSETS)])  # example photos are served from assets/, never copied to the temp dir
+    build_app(services).launch(**launch_options(settings, photo_exists=stored_photo_lookup(services.storage)))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Event functions for the page: who is asking, then the handler, then what a person may see.
 
 Every event the page sends goes through `owned` or `owned_stream`:
-- the owner comes from the request (login cookie, OAuth session or the browser's encrypted
-  identity, see `app.access`), never from session state a replayed session hash could reuse;
+- the owner comes from the request (login cookie, OAuth session or the visitor cookie, see
+  `app.access`), never from session state a replayed session hash could reuse;
 - failures become one sentence for the person. Storage and core errors carry such a sentence
   already; anything unexpected is logged with its traceback and shown as a generic sentence,
   so SQL, paths, tracebacks and class names never reach the page.
@@ -17,6 +17,7 @@ from typing import Any
 import gradio as gr
 
 import storage as db
+from app.visitor import browser_secret
 from mipha_core import MiphaError
 
 log = logging.getLogger(__name__)
@@ -40,11 +41,11 @@ def user_facing(error: Exception) -> gr.Error:
 
 
 def owned(resolve: OwnerResolver, handler: Callable[..., Any]) -> Callable[..., Any]:
-    """An event function: inputs (browser secret, *values) → `handler(owner_id, *values)`."""
+    """An event function: the page's inputs → `handler(owner_id, *inputs)`."""
 
-    def event(request: gr.Request, profile: gr.OAuthProfile | None, secret: str | None, *values: Any) -> Any:
+    def event(request: gr.Request, profile: gr.OAuthProfile | None, *values: Any) -> Any:
         try:
-            return handler(_owner(resolve, request, profile, secret), *values)
+            return handler(_owner(resolve, request, profile), *values)
         except gr.Error:
             raise
         except Exception as error:
@@ -56,10 +57,9 @@ def owned(resolve: OwnerResolver, handler: Callable[..., Any]) -> Callable[..., 
 def owned_stream(resolve: OwnerResolver, handler: Callable[..., Iterator[Any]]) -> Callable[..., Iterator[Any]]:
     """Like `owned`, for a generator handler (a streamed reply)."""
 
-    def event(request: gr.Request, profile: gr.OAuthProfile | None, secret: str | None,
-              *values: Any) -> Iterator[Any]:
+    def event(request: gr.Request, profile: gr.OAuthProfile | None, *values: Any) -> Iterator[Any]:
         try:
-            yield from handler(_owner(resolve, request, profile, secret), *values)
+            yield from handler(_owner(resolve, request, profile), *values)
         except gr.Error:
             raise
         except Exception as error:
@@ -68,8 +68,8 @@ def owned_stream(resolve: OwnerResolver, handler: Callable[..., Iterator[Any]]) 
     return event
 
 
-def _owner(resolve: OwnerResolver, request: gr.Request, profile: gr.OAuthProfile | None,
-           secret: str | None) -> int | None:
-    username = getattr(request, "username", None)
+def _owner(resolve: OwnerResolver, request: gr.Request | None, profile: gr.OAuthProfile | None) -> int | None:
+    if request is None:
+        return None
     oauth_username = profile.username if profile is not None else None
-    return resolve(secret, username, oauth_username)
+    return resolve(browser_secret(request.cookies), request.username, oauth_username)

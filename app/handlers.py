@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import secrets
 import threading
 from collections.abc import Iterator
 from contextlib import closing
@@ -22,7 +21,7 @@ import gradio as gr
 from PIL import Image
 
 import storage as db
-from app.access import MIN_BROWSER_SECRET_CHARS, identity_for, owner_id_for
+from app.access import identity_for, owner_id_for
 from app.model_slot import ModelNotReadyError, ModelState
 from app.services import Services
 from app.text_input import clean_text
@@ -91,13 +90,6 @@ class Handlers:
         self.settings = services.settings
 
     # --- identity --------------------------------------------------------------------------
-
-    def identify(self, secret: str | None, *, username: str | None = None, oauth_username: str | None = None
-                 ) -> tuple[str, int | None]:
-        """At page load: the browser secret to keep (a new one when missing) and the owner id."""
-        if not isinstance(secret, str) or len(secret) < MIN_BROWSER_SECRET_CHARS:
-            secret = secrets.token_urlsafe(32)
-        return secret, self.owner(secret, username=username, oauth_username=oauth_username)
 
     def owner(self, secret: str | None, *, username: str | None, oauth_username: str | None) -> int | None:
         """The owner this request proves (see `app.access`); None when it proves none."""
@@ -281,6 +273,9 @@ class Handlers:
                 cancel.set()
                 writer.finish(status=db.MessageStatus.COMPLETE, finish_reason="length")
                 gr.Warning(str(e))
+            except db.StorageUnavailableError as e:  # the disk filled up or the database is locked
+                cancel.set()  # the writer records the reply as failed on its way out, if it can
+                raise gr.Error(str(e)) from e
             else:
                 stats = stream.stats
                 status = db.MessageStatus.CANCELLED if stats.finish_reason == "cancelled" else db.MessageStatus.COMPLETE

@@ -48,6 +48,19 @@ class Settings:
     """Memory for keeping conversations' KV caches between turns; None: the engine's default."""
     max_message_chars: int = 4000
     max_upload_mb: int = 20
+    """The largest photo one upload may carry."""
+    uploads_per_minute: int = 10
+    """Uploads one visitor (signed-in user, else client address) may start per minute."""
+    upload_mb_per_hour: int = 200
+    """Upload volume one visitor may send per hour."""
+    upload_total_mb_per_hour: int = 2000
+    """Upload volume all visitors together may send per hour, so many addresses cannot fill the disk."""
+    max_request_kb: int = 1024
+    """The largest body of any request other than an upload (questions are a few KB)."""
+    temp_max_age_minutes: int = 60
+    """Uploads and cached copies older than this are deleted from the temporary directory."""
+    show_api: bool = False
+    """Publish Gradio's API page and schema; off, they answer 404 and the footer has no API link."""
     on_space: bool = False
     oauth_enabled: bool = False
     """A Space with `hf_oauth: true`: show a Hugging Face login; the account then owns the chats."""
@@ -66,10 +79,19 @@ class Settings:
             raise ValueError(f"kv_cache_mb must be 0 or more, got {self.kv_cache_mb}")
         if self.max_message_chars < 1:
             raise ValueError(f"max_message_chars must be at least 1, got {self.max_message_chars}")
+        for name in ("max_upload_mb", "uploads_per_minute", "upload_mb_per_hour", "upload_total_mb_per_hour",
+                     "max_request_kb", "temp_max_age_minutes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
 
     @property
     def images_dir(self) -> Path:
         return self.data_dir / "images"
+
+    @property
+    def temp_dir(self) -> Path:
+        """Gradio's upload and cache directory; this process empties it at start and sweeps it."""
+        return self.data_dir / "tmp" / "gradio"
 
     @property
     def is_local_only(self) -> bool:

@@ -19,7 +19,6 @@ EXAMPLES = [
     ("astronaut.jpg", "Who might this person be? What clues are in the picture?"),
     ("rocket.jpg", "What is happening in this picture?"),
 ]
-BROWSER_STORAGE_KEY = "mipha-chat-identity"
 SEND_WAITING = {ModelState.LOADING: "Send (model loading…)", ModelState.FAILED: "Send (no model)"}
 
 CSS = """
@@ -27,6 +26,9 @@ CSS = """
 #model-status { padding: 0.5em 1em; border-radius: 8px; background: var(--color-accent-soft); }
 #model-status.failed { background: var(--error-background-fill); }
 #conversation-list label { width: 100%; }
+#chatbot .message-content :is(ul, ol) { padding-inline-start: 1.5em; margin: 0 0 var(--spacing-md); }
+#chatbot .message-content blockquote { border-inline-start: 3px solid var(--border-color-primary);
+  padding-inline-start: var(--size-2); margin: 0 0 var(--spacing-md); }
 """
 
 
@@ -37,7 +39,6 @@ def build_app(services: Services) -> gr.Blocks:
     reply = on_gpu(h.reply, zero_gpu=settings.zero_gpu)
 
     with gr.Blocks(title="Mipha Chat", fill_height=True) as demo:
-        secret = gr.BrowserState(None, storage_key=BROWSER_STORAGE_KEY, secret=services.browser_state_key)
         conversation = gr.State(None)
 
         with gr.Sidebar(label="Conversations", width=300):
@@ -58,8 +59,8 @@ def build_app(services: Services) -> gr.Blocks:
         status = gr.Markdown(_status_text(services), elem_id="model-status",
                              visible=services.model.status().state is not ModelState.READY)
         chatbot = gr.Chatbot(elem_id="chatbot", label="Mipha", show_label=False, scale=1, height=None,
-                             min_height=360, sanitize_html=True, render_markdown=True, allow_tags=False,
-                             buttons=["copy"], feedback_options=None,
+                             min_height=360, render_markdown=False, sanitize_html=True, allow_tags=False,
+                             latex_delimiters=[], buttons=["copy"], feedback_options=None,
                              placeholder="**Drop a photo and ask about it.**")
         chat_input = gr.MultimodalTextbox(
             elem_id="chat-input", file_types=["image"], file_count="single", sources=["upload"],
@@ -91,35 +92,32 @@ def build_app(services: Services) -> gr.Blocks:
         def on(handler):  # an event whose first input is the browser identity; see app.events
             return owned(resolve, handler)
 
-        # page load: identity, then the sidebar
-        def on_load(request: gr.Request, profile: gr.OAuthProfile | None, stored_secret: str | None):
-            oauth_name = profile.username if profile is not None else None
-            kept, owner_id = h.identify(stored_secret, username=request.username, oauth_username=oauth_name)
-            return (kept, h.conversation_list(owner_id), *h.new_chat(), *_status_updates(services),
-                    gr.update(interactive=True))
+        # page load: the sidebar of whoever the request proves to be
+        def on_load(owner_id):
+            return (h.conversation_list(owner_id), *h.new_chat(), *_status_updates(services),
+                    gr.update(interactive=owner_id is not None))
 
-        demo.load(on_load, [secret], [secret, conversations, *opened, status, timer, send_btn, chat_input],
-                  api_name=False)
+        demo.load(on(on_load), None, [conversations, *opened, status, timer, send_btn, chat_input], api_name=False)
         timer.tick(lambda: _status_updates(services), None, [status, timer, send_btn], api_name=False,
                    show_progress="hidden", queue=False)
 
         # sidebar
         new_chat_btn.click(h.new_chat, None, opened, api_name=False, queue=False).then(
-            on(h.conversation_list), [secret], [conversations], api_name=False)
-        conversations.input(on(h.open_conversation), [secret, conversations], opened, api_name=False)
-        search.change(on(h.conversation_list), [secret, search, conversation], [conversations], api_name=False,
+            on(h.conversation_list), None, [conversations], api_name=False)
+        conversations.input(on(h.open_conversation), [conversations], opened, api_name=False)
+        search.change(on(h.conversation_list), [search, conversation], [conversations], api_name=False,
                       show_progress="hidden", trigger_mode="always_last")
-        rename_btn.click(on(h.rename), [secret, conversation, title], None, api_name=False).success(
-            on(h.conversation_list), [secret, search, conversation], [conversations], api_name=False)
+        rename_btn.click(on(h.rename), [conversation, title], None, api_name=False).success(
+            on(h.conversation_list), [search, conversation], [conversations], api_name=False)
         delete_btn.click(lambda c: gr.update(visible=bool(c)), [conversation], [confirm_row], api_name=False,
                          queue=False)
         cancel_btn.click(lambda: gr.update(visible=False), None, [confirm_row], api_name=False, queue=False)
-        confirm_btn.click(on(h.delete), [secret, conversation], None, api_name=False).success(
+        confirm_btn.click(on(h.delete), [conversation], None, api_name=False).success(
             h.new_chat, None, opened, api_name=False).then(
-            on(lambda o, q: (h.conversation_list(o, q), gr.update(visible=False))), [secret, search],
+            on(lambda o, q: (h.conversation_list(o, q), gr.update(visible=False))), [search],
             [conversations, confirm_row], api_name=False)
         for slider in params:
-            slider.release(on(h.remember_settings), [secret, conversation, *params], None, api_name=False,
+            slider.release(on(h.remember_settings), [conversation, *params], None, api_name=False,
                            show_progress="hidden")
 
         # chat: store the question, lock the input, stream the reply, unlock
@@ -131,19 +129,19 @@ def build_app(services: Services) -> gr.Blocks:
             return h.conversation_list(owner_id, query, conversation_id), *_lock(services, busy=False)
 
         for trigger in (chat_input.submit, send_btn.click):
-            trigger(on(ask), [secret, chat_input, conversation, *params], [conversation, chatbot, *locked],
+            trigger(on(ask), [chat_input, conversation, *params], [conversation, chatbot, *locked],
                     api_name=False, concurrency_limit=None, show_progress="hidden").success(
-                owned_stream(resolve, reply), [secret, conversation, *params], [chatbot], api_name=False,
+                owned_stream(resolve, reply), [conversation, *params], [chatbot], api_name=False,
                 concurrency_id="generate", show_progress="minimal").then(
-                on(finish), [secret, search, conversation], [conversations, *locked], api_name=False)
+                on(finish), [search, conversation], [conversations, *locked], api_name=False)
         regenerate_btn.click(on(lambda o, c: (h.prepare_regenerate(o, c), *_lock(services, busy=True))),
-                             [secret, conversation], [chatbot, *locked], api_name=False,
+                             [conversation], [chatbot, *locked], api_name=False,
                              concurrency_limit=None).success(
-            owned_stream(resolve, reply), [secret, conversation, *params], [chatbot], api_name=False,
+            owned_stream(resolve, reply), [conversation, *params], [chatbot], api_name=False,
             concurrency_id="generate", show_progress="minimal").then(
-            on(finish), [secret, search, conversation], [conversations, *locked], api_name=False)
+            on(finish), [search, conversation], [conversations, *locked], api_name=False)
         chatbot.clear(h.new_chat, None, opened, api_name=False, queue=False)  # the chatbot's trash icon
-        stop_btn.click(on(h.stop), [secret, conversation], None, api_name=False, queue=False)
+        stop_btn.click(on(h.stop), [conversation], None, api_name=False, queue=False)
 
     demo.queue(default_concurrency_limit=settings.concurrency)
     return demo

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import secrets
 import string
 import threading
 from dataclasses import replace
@@ -27,7 +28,12 @@ def h(app_services) -> Handlers:
 
 @pytest.fixture
 def owner(h) -> int:
-    return h.identify(None)[1]
+    return new_visitor(h)
+
+
+def new_visitor(h: Handlers) -> int:
+    """The owner id of a browser seen for the first time (a fresh visitor cookie)."""
+    return h.owner(secrets.token_urlsafe(32), username=None, oauth_username=None)
 
 
 def photo(name: str = "chelsea.jpg") -> dict:
@@ -46,10 +52,10 @@ def stored(h: Handlers, owner: int, conversation: str) -> list[db.MessageRecord]
 
 
 def test_identity_is_per_browser_secret_and_per_login(h):
-    secret, first = h.identify(None)
-    assert len(secret) >= 32
-    assert h.identify(secret) == (secret, first)
-    assert h.identify(None)[1] != first
+    secret = secrets.token_urlsafe(32)
+    first = h.owner(secret, username=None, oauth_username=None)
+    assert h.owner(secret, username=None, oauth_username=None) == first
+    assert new_visitor(h) != first
     assert h.owner("too-short", username=None, oauth_username=None) is None
     assert h.owner(secret, username=None, oauth_username="ada-hf") != first  # OAuth account over browser
 
@@ -59,7 +65,7 @@ def test_with_a_login_required_only_the_login_name_counts(app_services):
 
     services = replace(app_services, settings=replace(app_services.settings, auth=(Credential("ada", "pw"),)))
     h = Handlers(services)
-    secret, _ = h.identify(None)
+    secret = secrets.token_urlsafe(32)
     ada = h.owner(secret, username="ada", oauth_username=None)
     assert ada == h.owner(None, username="ada", oauth_username=None)  # the browser's identity plays no part
     assert h.owner(secret, username=None, oauth_username=None) is None  # no login: no one, whatever it sends
@@ -71,7 +77,7 @@ def test_question_with_photo_streams_and_persists(h, owner):
     assert len(frames) >= 3, "the reply should arrive in several frames, not at once"
     user_photo, user_text, reply = frames[-1]
     assert Path(user_photo["content"]["path"]).is_file()
-    assert user_text == {"role": "user", "content": "What is in this photo?"}
+    assert user_text == {"role": "user", "content": "<p>What is in this photo?</p>"}
     assert "tokens/s" in reply["content"] and "reply-footer" in reply["content"]
     question, answer = stored(h, owner, conversation)
     assert question.image_sha256 and answer.status is db.MessageStatus.COMPLETE
@@ -184,12 +190,12 @@ def test_model_still_loading_and_failed_load_are_explained(app_services, owner):
 def test_html_from_users_is_shown_as_text(h, owner):
     conversation, frames = ask(h, owner, "<img src=x onerror=alert(1)> is `<b>` bold?")
     user_text = frames[-1][0]["content"]
-    assert user_text == "&lt;img src=x onerror=alert(1)&gt; is `<b>` bold?"
+    assert user_text == "<p>&lt;img src=x onerror=alert(1)&gt; is <code>&lt;b&gt;</code> bold?</p>"
 
 
 def test_conversations_are_private_listed_renamed_searched_and_deleted(h, owner):
     conversation, _ = ask(h, owner, "A cat on a sofa", files=[photo()])
-    stranger = h.identify(None)[1]
+    stranger = new_visitor(h)
     assert h.conversation_list(stranger)["choices"] == []
     with pytest.raises(gr.Error, match="was not found"):
         h.open_conversation(stranger, conversation)

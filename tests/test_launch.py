@@ -81,7 +81,8 @@ def test_help_lists_every_option_and_import_is_light():
     help_text = subprocess.run([sys.executable, "launch.py", "--help"], cwd=REPO, capture_output=True, text=True,
                                check=True).stdout
     for option in ("--model", "--device", "--dtype", "--load-8bit", "--load-4bit", "--host", "--port", "--share",
-                   "--auth", "--auth-file", "--data-dir", "--max-new-tokens", "--concurrency", "MIPHA_DATA_DIR"):
+                   "--auth", "--auth-file", "--data-dir", "--max-new-tokens", "--concurrency", "MIPHA_DATA_DIR",
+                   "--show-api", "--max-upload-mb", "--uploads-per-minute", "--upload-mb-per-hour"):
         assert option in help_text
 
 
@@ -93,3 +94,28 @@ def test_kv_cache_budget_comes_from_flag_or_environment():
         parse(["--kv-cache-mb", "-1"])
     with pytest.raises(SystemExit, match="MIPHA_KV_CACHE_MB must be a whole number"):
         parse([], MIPHA_KV_CACHE_MB="lots")
+
+
+def test_upload_limits_and_api_page_come_from_flags_or_environment():
+    s = parse([])
+    assert (s.show_api, s.max_upload_mb, s.uploads_per_minute, s.upload_mb_per_hour) == (False, 20, 10, 200)
+    env = {"MIPHA_SHOW_API": "1", "MIPHA_MAX_UPLOAD_MB": "5", "MIPHA_UPLOADS_PER_MINUTE": "3",
+           "MIPHA_UPLOAD_MB_PER_HOUR": "50"}
+    s = parse([], **env)
+    assert (s.show_api, s.max_upload_mb, s.uploads_per_minute, s.upload_mb_per_hour) == (True, 5, 3, 50)
+    assert parse(["--uploads-per-minute", "7"], **env).uploads_per_minute == 7
+    with pytest.raises(SystemExit):
+        parse(["--uploads-per-minute", "0"])
+    with pytest.raises(SystemExit, match="MIPHA_UPLOAD_MB_PER_HOUR must be a whole number"):
+        parse([], MIPHA_UPLOAD_MB_PER_HOUR="lots")
+
+
+def test_launch_options_close_what_a_public_link_should_not_show(tmp_path):
+    settings = parse(["--data-dir", str(tmp_path)])
+    options = launch.launch_options(settings, photo_exists=lambda sha256: True)
+    assert options["enable_monitoring"] is False and options["run_history"] is False
+    assert options["mcp_server"] is False and options["ssr_mode"] is False and options["num_workers"] == 0
+    assert "api" not in options["footer_links"]
+    assert options["blocked_paths"] == [str(tmp_path.resolve() / "browser-state.key")]
+    assert options["app_kwargs"]["openapi_url"] is None and callable(options["app_kwargs"]["lifespan"])
+    assert "api" in launch.launch_options(parse(["--show-api"]), photo_exists=lambda s: True)["footer_links"]

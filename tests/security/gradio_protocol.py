@@ -63,3 +63,11 @@ def queue_messages(client: httpx.Client, *, session_hash: str, timeout: float) -
                 yield message
                 if message.get("msg") == "close_stream":
                     return
+
+
+def chained(config: dict[str, Any], *, after: Dependency) -> Dependency:
+    """The event the page runs once `after` has succeeded (`.success(...)` / `.then(...)`)."""
+    for index, dep in enumerate(config["dependencies"]):
+        if dep.get("trigger_after") == after.fn_index:
+            return Dependency(fn_index=dep.get("id", index), trigger_id=after.trigger_id, inputs=dep["inputs"])
+    raise LookupError(f"nothing runs after event {after.fn_index}")

@@ -19,6 +19,7 @@ import storage as db
 from app.events import UNEXPECTED_FAILURE, owned
 from app.handlers import GenerationSettings, Handlers
 from app.model_slot import ModelSlot, ModelState
+from tests.test_app_handlers import new_visitor
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
 PARAMS = (0.0, 1.0, 24)
@@ -32,7 +33,7 @@ def h(app_services) -> Handlers:
 
 @pytest.fixture
 def owner(h) -> int:
-    return h.identify(None)[1]
+    return new_visitor(h)
 
 
 @pytest.fixture
@@ -117,7 +118,7 @@ def test_an_unexpected_failure_shows_one_sentence_and_logs_the_details(h, caplog
 
     event = owned(lambda *_: 1, broken)
     with caplog.at_level(logging.ERROR), pytest.raises(gr.Error) as shown:
-        event(None, None, "x" * 40)
+        event(None, None)
     assert shown.value.message == UNEXPECTED_FAILURE
     assert "SELECT" in caplog.text and "Traceback" in caplog.text
 
@@ -125,7 +126,7 @@ def test_an_unexpected_failure_shows_one_sentence_and_logs_the_details(h, caplog
 def test_storage_errors_reach_the_person_as_their_own_sentence(h, owner):
     event = owned(lambda *_: owner, h.open_conversation)
     with pytest.raises(gr.Error, match="was not found"):
-        event(None, None, "x" * 40, "no-such-conversation")
+        event(gr.Request(username=None, cookies={}), None, "no-such-conversation")
 
 
 def test_any_model_load_failure_ends_the_loading_state():

@@ -30,7 +30,7 @@ def two_user_app(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def alice(two_user_app, app_browser):
-    """Alice signed in, with one conversation; yields (her session hash, her stored browser identity)."""
+    """Alice signed in, with one conversation; yields (her session hash, her visitor cookie)."""
     context = app_browser.new_context(viewport={"width": 1280, "height": 900})
     context.set_default_timeout(TIMEOUT_MS)
     page = context.new_page()
@@ -44,31 +44,38 @@ def alice(two_user_app, app_browser):
     page.locator("#chat-input textarea").fill(ALICE_QUESTION)
     page.locator("#send-button").click()
     page.locator("#conversation-list label", has_text="Alice").wait_for()
-    identity = page.evaluate("() => localStorage.getItem('mipha-chat-identity')")
+    visitor_cookie = next((c["value"] for c in context.cookies() if c["name"] == "mipha-visitor"), None)
     assert len(session_hashes) == 1
-    yield session_hashes.pop(), identity
+    yield session_hashes.pop(), visitor_cookie
     context.close()
 
 
-def bob_client(app) -> httpx.Client:
-    client = httpx.Client(base_url=app.url, timeout=30)
+def bob_client(app, *, cookies: dict[str, str] | None = None) -> httpx.Client:
+    client = httpx.Client(base_url=app.url, timeout=30, cookies=cookies)
     login(client, "bob", "bob-pw")
     return client
 
 
-def test_a_replayed_session_hash_shows_bob_nothing_of_alice(two_user_app, alice):
-    alice_session, alice_identity = alice
-    with closing(bob_client(two_user_app)) as bob:
-        config = bob.get("config").json()
-        search = dependency(config, elem_id="search-box", event="change")
-        data = [None] * len(search.inputs)
-        data[search.inputs.index(search.trigger_id)] = ""  # the search text
-        completed = run_event(bob, search, data, session_hash=alice_session)
-    assert "Alice" not in json.dumps(completed)
-    assert completed.get("success") is True, completed  # answered, with Bob's (empty) list
-    if alice_identity is not None:  # her encrypted identity does not stand in for a login either
-        with closing(bob_client(two_user_app)) as bob:
-            data[search.inputs.index(search.trigger_id) - 1] = alice_identity  # the input before it
-            completed = run_event(bob, search, data, session_hash=alice_session)
-        assert "Alice" not in json.dumps(completed)
+def search_event(client: httpx.Client, *, session_hash: str) -> dict:
+    config = client.get("config").json()
+    search = dependency(config, elem_id="search-box", event="change")
+    data = [None] * len(search.inputs)
+    data[search.inputs.index(search.trigger_id)] = ""  # the search text
+    return run_event(client, search, data, session_hash=session_hash)
 
+
+def test_a_replayed_session_hash_shows_bob_nothing_of_alice(two_user_app, alice):
+    alice_session, _ = alice
+    with closing(bob_client(two_user_app)) as bob:
+        replayed = search_event(bob, session_hash=alice_session)
+    assert "Alice" not in json.dumps(replayed)
+    assert replayed["msg"] == "refused" and replayed["status_code"] == 403  # her session is bound to her browser
+
+
+def test_even_with_her_browser_cookie_bob_sees_only_his_own(two_user_app, alice):
+    alice_session, alice_cookie = alice
+    assert alice_cookie is not None
+    with closing(bob_client(two_user_app, cookies={"mipha-visitor": alice_cookie})) as bob:
+        replayed = search_event(bob, session_hash=alice_session)
+    assert replayed.get("success") is True, replayed  # the session is let through, the login decides the owner
+    assert "Alice" not in json.dumps(replayed)

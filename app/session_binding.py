@@ -1,0 +1,136 @@
+"""Each Gradio session belongs to the browser that opened it.
+
+Gradio keys a page's session (its state, its queue messages, its running events) by a
+session hash the client makes up and sends; it checks a login where one is required, but not
+that the session is the caller's own. So whoever learns another visitor's session hash could
+listen to their replies (`/queue/data`), cancel them (`/cancel`), close their session
+(`/heartbeat`) or run events in it (`/queue/join`, and `/run/predict` for the page's
+unqueued events). This ASGI middleware binds every session
+hash to the visitor cookie (see `app.visitor`) of the first request that uses it and refuses
+the hash from any other browser. It must run inside `VisitorCookieMiddleware`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import threading
+from collections import OrderedDict
+from typing import Any
+from urllib.parse import parse_qs
+
+from app.visitor import COOKIE_NAME, Scope, request_cookies
+
+MAX_SESSIONS = 50_000
+"""Bindings kept (the oldest go first); Gradio forgets a closed session's state within the hour."""
+MAX_BODY_BYTES = 1 * 1024 * 1024
+"""Largest JSON body read to find the session hash (a question is at most a few KiB)."""
+
+_BODY_ROUTES = re.compile(r"/gradio_api/(queue/join|cancel|run/predict)/?$")
+_QUERY_ROUTES = re.compile(r"/gradio_api/queue/data/?$")
+_PATH_ROUTES = re.compile(r"/gradio_api/heartbeat/(?P<session>[^/]+)/?$")
+
+REFUSED_SESSION = "This page's session belongs to another browser. Reload the page to start your own."
+REFUSED_BODY = "The request is too large."
+
+
+class SessionOwners:
+    """session hash → the hash of the visitor cookie that first used it (bounded, thread-safe)."""
+
+    def __init__(self, *, capacity: int = MAX_SESSIONS) -> None:
+        self._owners: OrderedDict[str, str] = OrderedDict()
+        self._capacity = capacity
+        self._lock = threading.Lock()
+
+    def claim(self, session_hash: str, visitor: str) -> bool:
+        """True when `visitor` may use `session_hash`: it is theirs, or nobody's yet (now theirs)."""
+        with self._lock:
+            owner = self._owners.setdefault(session_hash, visitor)
+            self._owners.move_to_end(session_hash)
+            while len(self._owners) > self._capacity:
+                self._owners.popitem(last=False)
+        return owner == visitor
+
+
+class SessionBindingMiddleware:
+    """Refuses a session hash from any browser but the one that opened it (403)."""
+
+    def __init__(self, app: Any, *, owners: SessionOwners | None = None) -> None:
+        self.app = app
+        self.owners = owners or SessionOwners()
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        path = scope.get("path", "") if scope["type"] == "http" else ""
+        if not path.startswith("/gradio_api/"):
+            await self.app(scope, receive, send)
+            return
+        if _BODY_ROUTES.match(path) and scope["method"] == "POST":
+            body = await _read_body(receive, limit=MAX_BODY_BYTES)
+            if body is None:
+                await _refuse(send, 413, REFUSED_BODY)
+                return
+            receive = _replay(body, receive)
+            session_hash = _json_field(body, "session_hash")
+        elif _QUERY_ROUTES.match(path):
+            session_hash = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("session_hash", [None])[0]
+        elif match := _PATH_ROUTES.match(path):
+            session_hash = match["session"]
+        else:
+            await self.app(scope, receive, send)
+            return
+        if session_hash is not None and not self.owners.claim(str(session_hash), _visitor_key(scope)):
+            await _refuse(send, 403, REFUSED_SESSION)
+            return
+        await self.app(scope, receive, send)
+
+
+def _visitor_key(scope: Scope) -> str:
+    """A digest of the request's visitor cookie (always there: `VisitorCookieMiddleware` runs first)."""
+    secret = request_cookies(scope).get(COOKIE_NAME, "")
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+async def _read_body(receive: Any, *, limit: int) -> bytes | None:
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            break
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+        if not message.get("more_body"):
+            break
+    return b"".join(chunks)
+
+
+def _replay(body: bytes, receive: Any) -> Any:
+    """A `receive` that hands over the body already read, then listens to the real one."""
+    sent = False
+
+    async def replayed() -> dict[str, Any]:
+        nonlocal sent
+        if sent:
+            return await receive()
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return replayed
+
+
+def _json_field(body: bytes, name: str) -> Any:
+    try:
+        value = json.loads(body)
+    except ValueError:
+        return None
+    return value.get(name) if isinstance(value, dict) else None
+
+
+async def _refuse(send: Any, status: int, sentence: str) -> None:
+    payload = json.dumps({"detail": sentence}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]})
+    await send({"type": "http.response.body", "body": payload})
