@@ -79,12 +79,15 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
                        "bf16 natively (AVX512-BF16, AMX), fp32 elsewhere [MIPHA_DTYPE]")
     quant = model.add_mutually_exclusive_group()
     quant.add_argument("--load-8bit", action="store_true", default=_env_bool(environ, "MIPHA_LOAD_8BIT"),
-                       help="load weights in 8-bit through bitsandbytes (about half the memory) [MIPHA_LOAD_8BIT]")
+                       help="load the language model in 8-bit (about half the memory): torch's packed int8 kernels on a CPU "
+                       "with native bf16, bitsandbytes elsewhere [MIPHA_LOAD_8BIT]")
     quant.add_argument("--load-4bit", action="store_true", default=_env_bool(environ, "MIPHA_LOAD_4BIT"),
-                       help="load weights in 4-bit through bitsandbytes (about a quarter) [MIPHA_LOAD_4BIT]")
+                       help="load the language model in 4-bit (about a quarter): torch's packed int4 kernels on a CPU "
+                       "with native bf16, bitsandbytes NF4 elsewhere [MIPHA_LOAD_4BIT]")
     model.add_argument("--kv-cache-mb", type=int, default=_env_int(environ, "MIPHA_KV_CACHE_MB"),
                        help="memory kept for conversations' KV caches, so follow-up questions skip re-reading "
-                       "the photo and the chat; 0 turns it off (default: 2048 on the CPU, 1024 on a GPU) "
+                       "the photo and the chat; a full 2048-token conversation takes 0.67 GB in bf16; 0 turns it off "
+                       "(default: 2048 on the CPU, 1024 on a GPU) "
                        "[MIPHA_KV_CACHE_MB]")
     model.add_argument("--max-new-tokens", type=int, default=int(env("MIPHA_MAX_NEW_TOKENS", "512")),
                        help="upper bound of the reply length a user can choose [MIPHA_MAX_NEW_TOKENS]")
@@ -184,7 +187,7 @@ def configure_logging(level: str) -> None:
 def open_services(settings: Settings):
     """Storage opened, the model loading on a background thread: the page can come up now."""
     from app.model_slot import ModelSlot
-    from app.services import Services, browser_state_key
+    from app.services import Services
     from mipha_core import CacheSettings, load_engine
     from storage import StorageConfig, StorageLimits, open_storage
 
@@ -196,13 +199,11 @@ def open_services(settings: Settings):
     model.load_in_background(lambda: load_engine(
         settings.model, device=settings.device, dtype=settings.dtype, quantization=settings.quantization,
         data_dir=settings.data_dir, caches=caches))
-    return Services(settings=settings, storage=storage, model=model,
-                    browser_state_key=browser_state_key(settings.data_dir))
+    return Services(settings=settings, storage=storage, model=model)
 
 
 def launch_options(settings: Settings, *, photo_exists: Callable[[str], bool]) -> dict:
     """Keyword arguments for `gr.Blocks.launch`; `photo_exists` tells the guard which photos are still stored."""
-    from app.services import BROWSER_KEY_FILE
     from app.ui import CSS
     from app.web import app_kwargs
 
@@ -213,7 +214,6 @@ def launch_options(settings: Settings, *, photo_exists: Callable[[str], bool]) -
         "auth": [(c.username, c.password) for c in settings.auth] or None,
         "auth_message": "Mipha Chat: sign in with the user name and password you were given.",
         "allowed_paths": [str(settings.images_dir.resolve())],  # copied into the cache; the guard serves only copies
-        "blocked_paths": [str(settings.data_dir.resolve() / BROWSER_KEY_FILE)],
         "max_file_size": f"{settings.max_upload_mb}mb",
         "css": CSS,
         "show_error": True,
@@ -243,8 +243,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     if settings.exposure_warning:
         log.warning(settings.exposure_warning)
     from app.web import prepare_temp_dir, stored_photo_lookup
+    from storage import DataDirError
 
-    services = open_services(settings)  # locks the data dir first: its temp dir is then ours to empty
+    try:
+        services = open_services(settings)  # locks the data dir first: its temp dir is then ours to empty
+    except DataDirError as e:  # another server on this data dir, or one that cannot be written
+        raise SystemExit(str(e)) from None
     log.info("Data directory: %s", settings.data_dir.resolve())
     prepare_temp_dir(settings.temp_dir)  # before gradio is imported: it reads GRADIO_TEMP_DIR then
     import gradio as gr

@@ -6,8 +6,8 @@ in session state: every event resolves its owner here, from what the request pro
 
 - With `--auth`, the login name Gradio verified from its cookie (`request.username`).
 - With Hugging Face OAuth, the signed-in account from the signed session cookie, else the browser.
-- Otherwise the anonymous browser identity: a random secret the browser keeps in local storage,
-  encrypted with the server's key (`gr.BrowserState`). It is a bearer credential like a cookie.
+- Otherwise the anonymous visitor: a random secret in an HttpOnly cookie (see `app.visitor`),
+  a bearer credential like any session cookie.
 """
 
 from __future__ import annotations

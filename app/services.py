@@ -2,20 +2,12 @@
 
 from __future__ import annotations
 
-import logging
-import os
-import secrets
 import threading
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from app.model_slot import ModelSlot
 from app.settings import Settings
 from storage import Storage
-
-log = logging.getLogger(__name__)
-
-BROWSER_KEY_FILE = "browser-state.key"
 
 
 class CancelRegistry:
@@ -58,26 +50,4 @@ class Services:
     settings: Settings
     storage: Storage
     model: ModelSlot
-    browser_state_key: str
-    """Encrypts the identity secret `gr.BrowserState` keeps; stable across restarts."""
     cancels: CancelRegistry = field(default_factory=CancelRegistry)
-
-
-def browser_state_key(data_dir: Path) -> str:
-    """The key in `data_dir`, created on first start (owner-only permissions).
-
-    `gr.BrowserState` otherwise draws a new key per process, and every browser would lose its
-    identity, and so its conversations, at each restart.
-    """
-    path = data_dir / BROWSER_KEY_FILE
-    try:
-        return path.read_text(encoding="ascii").strip()
-    except FileNotFoundError:
-        pass
-    data_dir.mkdir(parents=True, exist_ok=True)
-    key = secrets.token_urlsafe(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w", encoding="ascii") as f:
-        f.write(key)
-    log.info("created the browser identity key %s", path)
-    return key

@@ -76,7 +76,8 @@ def build_app(services: Services) -> gr.Blocks:
             temperature = gr.Slider(0.0, 2.0, value=0.2, step=0.05, label="Temperature",
                                     info="0 always picks the likeliest word; higher is more varied")
             top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p")
-            max_new_tokens = gr.Slider(16, settings.max_new_tokens, value=min(512, settings.max_new_tokens), step=16,
+            max_new_tokens = gr.Slider(min(16, settings.max_new_tokens), settings.max_new_tokens,
+                                       value=min(512, settings.max_new_tokens), step=16,
                                        label="Max new tokens")
         gr.Examples(examples=[{"text": q, "files": [str(ASSETS / f)]} for f, q in EXAMPLES if (ASSETS / f).exists()],
                     inputs=chat_input, label="Try an example", cache_examples=False)

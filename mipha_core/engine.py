@@ -54,7 +54,8 @@ class CacheSettings:
     """Byte budgets of the follow-up caches; 0 turns a cache off (every turn re-reads everything)."""
 
     kv_cache_bytes: int = 2 * 1024**3
-    image_feature_bytes: int = 256 * 1024**2
+    image_feature_bytes: int = 128 * 1024**2
+    """About 35 photos' projected features in bf16 (729 x 2560 values each)."""
 
 
 class Engine:

@@ -31,14 +31,13 @@ def app_tiny_engine(tmp_path_factory: pytest.TempPathFactory):
 def app_services(tmp_path: Path, app_tiny_engine):
     """Services over a real SQLite file in a temporary data dir and a ready tiny engine."""
     from app.model_slot import ModelSlot
-    from app.services import Services, browser_state_key
+    from app.services import Services
     from app.settings import Settings
     from storage import StorageConfig, open_storage
 
     settings = Settings(model="tiny", data_dir=tmp_path, max_new_tokens=64, max_message_chars=500)
     storage = open_storage(StorageConfig(data_dir=tmp_path))
-    yield Services(settings=settings, storage=storage, model=ModelSlot.ready(app_tiny_engine),
-                   browser_state_key=browser_state_key(tmp_path))
+    yield Services(settings=settings, storage=storage, model=ModelSlot.ready(app_tiny_engine))
     storage.close()
 
 

@@ -116,6 +116,5 @@ def test_launch_options_close_what_a_public_link_should_not_show(tmp_path):
     assert options["enable_monitoring"] is False and options["run_history"] is False
     assert options["mcp_server"] is False and options["ssr_mode"] is False and options["num_workers"] == 0
     assert "api" not in options["footer_links"]
-    assert options["blocked_paths"] == [str(tmp_path.resolve() / "browser-state.key")]
     assert options["app_kwargs"]["openapi_url"] is None and callable(options["app_kwargs"]["lifespan"])
     assert "api" in launch.launch_options(parse(["--show-api"]), photo_exists=lambda s: True)["footer_links"]

@@ -8,7 +8,9 @@ from __future__ import annotations
 import logging
 import random
 import shutil
+import sqlite3
 import string
+from contextlib import closing
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,6 +21,9 @@ import storage as db
 from app.events import UNEXPECTED_FAILURE, owned
 from app.handlers import GenerationSettings, Handlers
 from app.model_slot import ModelSlot, ModelState
+from app.services import Services
+from app.settings import Settings
+from storage import StorageConfig, open_storage
 from tests.test_app_handlers import new_visitor
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
@@ -139,3 +144,23 @@ def test_any_model_load_failure_ends_the_loading_state():
     status = slot.status()
     assert status.state is ModelState.FAILED
     assert "--device cpu" in status.message and "AssertionError" not in status.message
+
+
+def test_a_database_held_by_someone_else_is_one_sentence_and_loses_nothing(app_tiny_engine, tmp_path):
+    settings = Settings(model="tiny", data_dir=tmp_path, max_new_tokens=64)
+    with closing(open_storage(StorageConfig(data_dir=tmp_path, busy_timeout_ms=200))) as storage:
+        h = Handlers(Services(settings=settings, storage=storage, model=ModelSlot.ready(app_tiny_engine)))
+        owner = new_visitor(h)
+        holder = sqlite3.connect(tmp_path / "mipha.sqlite3", isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")  # another process writing, past the busy timeout
+        try:
+            with pytest.raises(gr.Error) as refused:
+                h.submit(owner, {"text": "still there?", "files": []}, None, *PARAMS)
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        message = refused.value.message
+        assert "busy" in message and "try again" in message
+        assert not any(word in message for word in ("sqlite", "SELECT", "INSERT", "Error", "/"))
+        conversation, _ = h.submit(owner, {"text": "still there?", "files": []}, None, *PARAMS)  # then it works
+        assert conversation

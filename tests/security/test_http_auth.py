@@ -31,7 +31,7 @@ PARAMETER = re.compile(r"\{[^}]+\}")
 def launched(tmp_path_factory, app_tiny_engine) -> Iterator[tuple[str, list[tuple[str, str]]]]:
     """The app with `--auth alice:pw`: its URL and every (method, path) it routes."""
     from app.model_slot import ModelSlot
-    from app.services import Services, browser_state_key
+    from app.services import Services
     from app.settings import Settings
     from app.ui import build_app
     from storage import StorageConfig, open_storage
@@ -39,8 +39,7 @@ def launched(tmp_path_factory, app_tiny_engine) -> Iterator[tuple[str, list[tupl
     data_dir = tmp_path_factory.mktemp("auth-data")
     settings = Settings(model="tiny", data_dir=data_dir, port=free_port(), auth=(Credential("alice", "pw"),))
     storage = open_storage(StorageConfig(data_dir=data_dir))
-    services = Services(settings=settings, storage=storage, model=ModelSlot.ready(app_tiny_engine),
-                        browser_state_key=browser_state_key(data_dir))
+    services = Services(settings=settings, storage=storage, model=ModelSlot.ready(app_tiny_engine))
     demo = build_app(services)
     app, url, _ = demo.launch(prevent_thread_lock=True, quiet=True,
                               **launch.launch_options(settings, photo_exists=stored_photo_lookup(storage)))

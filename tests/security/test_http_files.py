@@ -18,7 +18,7 @@ from app.web.files import file_refusal_reason, prepare_temp_dir, sweep
 from tests.app_process import REPO, RunningApp, running_app
 
 ASSETS = REPO / "assets"
-KEY_FILE = "browser-state.key"
+KEY_FILE = "mipha.sqlite3"  # the database: every conversation
 FAST_REPLIES = {"MIPHA_MAX_NEW_TOKENS": "32"}
 
 
@@ -32,7 +32,7 @@ def file_url(app: RunningApp, path: str) -> str:
     return f"{app.url}gradio_api/file={path}"
 
 
-def test_the_browser_key_is_never_served(server):
+def test_the_database_is_never_served(server):
     key = (server.data_dir / KEY_FILE).resolve()
     assert key.is_file()
     images, temp = server.data_dir.resolve() / "images", server.data_dir.resolve() / "tmp" / "gradio"
