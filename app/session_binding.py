@@ -21,6 +21,8 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from app.visitor import COOKIE_NAME, Scope, request_cookies
+from app.web.responses import Refusal
+from app.web.uploads import BodyRefused, ClientGone, read_body, replay
 
 MAX_SESSIONS = 50_000
 """Bindings kept (the oldest go first); Gradio forgets a closed session's state within the hour."""
@@ -33,6 +35,7 @@ _PATH_ROUTES = re.compile(r"/gradio_api/heartbeat/(?P<session>[^/]+)/?$")
 
 REFUSED_SESSION = "This page's session belongs to another browser. Reload the page to start your own."
 REFUSED_BODY = "The request is too large."
+TOO_LARGE = Refusal(413, REFUSED_BODY)
 
 
 class SessionOwners:
@@ -66,11 +69,14 @@ class SessionBindingMiddleware:
             await self.app(scope, receive, send)
             return
         if _BODY_ROUTES.match(path) and scope["method"] == "POST":
-            body = await _read_body(receive, limit=MAX_BODY_BYTES)
-            if body is None:
+            try:
+                body = await read_body(receive, limit=MAX_BODY_BYTES, too_large=TOO_LARGE)
+            except BodyRefused:
                 await _refuse(send, 413, REFUSED_BODY)
                 return
-            receive = _replay(body, receive)
+            except ClientGone:
+                return
+            receive = replay(body, receive)
             session_hash = _json_field(body, "session_hash")
         elif _QUERY_ROUTES.match(path):
             session_hash = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("session_hash", [None])[0]
@@ -89,36 +95,6 @@ def _visitor_key(scope: Scope) -> str:
     """A digest of the request's visitor cookie (always there: `VisitorCookieMiddleware` runs first)."""
     secret = request_cookies(scope).get(COOKIE_NAME, "")
     return hashlib.sha256(secret.encode()).hexdigest()
-
-
-async def _read_body(receive: Any, *, limit: int) -> bytes | None:
-    chunks, size = [], 0
-    while True:
-        message = await receive()
-        if message["type"] != "http.request":
-            break
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            return None
-        chunks.append(chunk)
-        if not message.get("more_body"):
-            break
-    return b"".join(chunks)
-
-
-def _replay(body: bytes, receive: Any) -> Any:
-    """A `receive` that hands over the body already read, then listens to the real one."""
-    sent = False
-
-    async def replayed() -> dict[str, Any]:
-        nonlocal sent
-        if sent:
-            return await receive()
-        sent = True
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    return replayed
 
 
 def _json_field(body: bytes, name: str) -> Any:
