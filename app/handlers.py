@@ -8,6 +8,7 @@ Each handler takes plain values (what the components hold) and returns plain val
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import threading
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 DEFAULT_TEMPERATURE = 0.2
 DEFAULT_TOP_P = 1.0
 DEFAULT_MAX_NEW_TOKENS = 512
+OWNER_CACHE_SIZE = 10_000
 _PHOTO_STAND_IN = Image.new("RGB", (1, 1))
 
 
@@ -88,6 +90,9 @@ class Handlers:
         self.services = services
         self.storage = services.storage
         self.settings = services.settings
+        # identity → user row id never changes: look it up (a write transaction) once, not per event
+        self._owner_ids = functools.lru_cache(maxsize=OWNER_CACHE_SIZE)(
+            lambda identity: owner_id_for(self.storage, identity))
 
     # --- identity --------------------------------------------------------------------------
 
@@ -95,8 +100,10 @@ class Handlers:
         """The owner this request proves (see `app.access`); None when it proves none."""
         identity = identity_for(login_required=bool(self.settings.auth), username=username,
                                 oauth_username=oauth_username, browser_secret=secret)
+        if identity is None:
+            return None
         with _user_errors():
-            return owner_id_for(self.storage, identity)
+            return self._owner_ids(identity)
 
     # --- sidebar ---------------------------------------------------------------------------
 

@@ -70,6 +70,11 @@ class PreparedImage:
     width: int
     height: int
 
+    @classmethod
+    def of(cls, data: bytes, *, format: str, size: tuple[int, int]) -> PreparedImage:
+        """The record of `data`, named by its SHA-256."""
+        return cls(data=data, sha256=hashlib.sha256(data).hexdigest(), format=format, width=size[0], height=size[1])
+
 
 @functools.cache
 def _decoders() -> tuple[str, ...]:
@@ -99,13 +104,7 @@ def prepare_imported_image(data: bytes, *, limits: StorageLimits) -> PreparedIma
     image, source_format = _decode(data, limits=limits)
     if not _is_clean_file(data, source_format=source_format, mode=image.mode):
         return _encode_clean(image, source_format=source_format)
-    return PreparedImage(
-        data=data,
-        sha256=hashlib.sha256(data).hexdigest(),
-        format=source_format,
-        width=image.width,
-        height=image.height,
-    )
+    return PreparedImage.of(data, format=source_format, size=image.size)
 
 
 def _is_clean_file(data: bytes, *, source_format: str, mode: str) -> bool:
@@ -178,14 +177,7 @@ def _encode_clean(image: PILImage.Image, *, source_format: str) -> PreparedImage
         options = {"optimize": False}
     buffer = io.BytesIO()
     image.save(buffer, format=out_format, **options)
-    data = buffer.getvalue()
-    return PreparedImage(
-        data=data,
-        sha256=hashlib.sha256(data).hexdigest(),
-        format=out_format,
-        width=image.width,
-        height=image.height,
-    )
+    return PreparedImage.of(buffer.getvalue(), format=out_format, size=image.size)
 
 
 def save_image(storage: Storage, data: bytes) -> ImageRecord:
