@@ -6,7 +6,6 @@ The routes are enumerated from the launched app itself (launched in this process
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from collections.abc import Iterator
 from pathlib import Path
