@@ -10,6 +10,8 @@ This is the only module that wires things together; importing it starts nothing.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import logging
 import os
 import sys
@@ -179,8 +181,10 @@ def settings_from_args(argv: Sequence[str] | None, environ: Mapping[str, str]) -
 
 
 def configure_logging(level: str) -> None:
+    """Our loggers at `level`; libraries' routine chatter (alembic's plugin and migration lines,
+    each HTTP request) only from WARNING up."""
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("httpx", "httpcore", "urllib3", "PIL"):
+    for noisy in ("alembic", "httpx", "httpcore", "urllib3", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -204,7 +208,7 @@ def open_services(settings: Settings):
 
 def launch_options(settings: Settings, *, photo_exists: Callable[[str], bool]) -> dict:
     """Keyword arguments for `gr.Blocks.launch`; `photo_exists` tells the guard which photos are still stored."""
-    from app.ui import CSS
+    from app.ui.assets import page_head
     from app.web import app_kwargs
 
     return {
@@ -215,9 +219,10 @@ def launch_options(settings: Settings, *, photo_exists: Callable[[str], bool]) -
         "auth_message": "Mipha Chat: sign in with the user name and password you were given.",
         "allowed_paths": [str(settings.images_dir.resolve())],  # copied into the cache; the guard serves only copies
         "max_file_size": f"{settings.max_upload_mb}mb",
-        "css": CSS,
+        "head": page_head(),
         "show_error": True,
-        "footer_links": ["api", "gradio", "settings"] if settings.show_api else ["gradio", "settings"],
+        "quiet": True,  # no "Running on local URL" or "set `share=True`" hints: main prints our own lines
+        "footer_links": ["api"] if settings.show_api else [],  # [] hides the footer; never Gradio's dev links
         "enable_monitoring": False,
         "run_history": False,  # would keep questions and photos in the browser's storage
         "mcp_server": False,
@@ -249,14 +254,44 @@ def main(argv: Sequence[str] | None = None) -> None:
         services = open_services(settings)  # locks the data dir first: its temp dir is then ours to empty
     except DataDirError as e:  # another server on this data dir, or one that cannot be written
         raise SystemExit(str(e)) from None
-    log.info("Data directory: %s", settings.data_dir.resolve())
     prepare_temp_dir(settings.temp_dir)  # before gradio is imported: it reads GRADIO_TEMP_DIR then
     import gradio as gr
 
     from app.ui import ASSETS, build_app
 
     gr.set_static_paths([str(ASSETS)])  # example photos are served from assets/, never copied to the temp dir
-    build_app(services).launch(**launch_options(settings, photo_exists=stored_photo_lookup(services.storage)))
+    blocks = build_app(services)
+    share_url = launch_quietly(blocks, launch_options(settings, photo_exists=stored_photo_lookup(services.storage)))
+    print_startup_report(settings, share_url=share_url)
+    blocks.block_thread()
+
+
+def launch_quietly(blocks, options: dict) -> str | None:
+    """Start the server without blocking; returns the share link, if one was made.
+
+    Even with `quiet=True`, Gradio prints the public URL and, when the tunnel fails, why: the URL
+    goes into our report instead, and anything else reaches the terminal as a warning.
+    """
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
+            _, _, share_url = blocks.launch(prevent_thread_lock=True, **options)
+    finally:
+        other = [line for line in printed.getvalue().splitlines()
+                 if line.strip() and not line.startswith("* Running on public URL:")]
+        if other:
+            log.warning("Gradio: %s", "\n".join(other))
+    return share_url
+
+
+def print_startup_report(settings: Settings, *, share_url: str | None) -> None:
+    """Plain lines on stdout, flushed: a Space's or container's log shows them at once too."""
+    from app.startup_report import describe_hardware, listens_everywhere, network_address, startup_lines
+
+    device, precision = describe_hardware(settings)
+    address = network_address() if listens_everywhere(settings.host) else None
+    lines = startup_lines(settings, device=device, precision=precision, share_url=share_url, network_address=address)
+    print("\n".join(lines), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,73 +1,44 @@
-"""Event handlers: thin functions over storage and the engine, testable without a browser.
+"""Event handlers: plain functions over storage, the engine and the reply jobs, testable without a browser.
 
-Each handler takes plain values (what the components hold) and returns plain values or
-`gr.update(...)`s; `app.ui` wires them to components. User-facing failures are raised as
-`gr.Error` with the cause and the way out; notices that do not stop anything are
-`gr.Warning` / `gr.Info`.
+Each handler takes the owner id (from the request, see `app.events`) and the values the page
+sends, and returns a `PageView` naming what changes. Expected refusals raise `Refused`: the
+composer shows the sentence and keeps the person's text and photo.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import logging
-import math
-import threading
 from collections.abc import Iterator
-from contextlib import closing
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import gradio as gr
 from PIL import Image
 
 import storage as db
 from app.access import identity_for, owner_id_for
+from app.chat_view import chatbot_messages, conversation_choices, growing_reply, model_messages
+from app.context_meter import ContextUse, meter_html
+from app.events import UNEXPECTED_FAILURE, Refused
 from app.model_slot import ModelNotReadyError, ModelState
+from app.page_view import NO_NOTICE, ConversationList, Editing, Notice, PageView, ShareState
+from app.replies import ReplyAlreadyRunningError
 from app.services import Services
 from app.text_input import clean_text
+from app.transfer import ExportFormat, export_all, export_conversation, import_files
+from app.turn import ReplyOutcome, cache_key, reply_work
 from app.uploads import discard_upload
-from app.views import chatbot_messages, conversation_choices, model_messages
-from mipha_core import CacheKey, ContextOverflowError, MiphaError
-from mipha_core.images import load_image
+from mipha_core import ContextOverflowError, Engine, GenerationParams
+from mipha_core.generation import DEFAULT_MAX_NEW_TOKENS
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TEMPERATURE = 0.2
-DEFAULT_TOP_P = 1.0
-DEFAULT_MAX_NEW_TOKENS = 512
 OWNER_CACHE_SIZE = 10_000
+MAX_ACTION_CHARS = 200
+EDITING_LABEL = "Editing a question: Send makes a new version of it; the earlier one stays reachable with ‹ ›."
 _PHOTO_STAND_IN = Image.new("RGB", (1, 1))
-
-
-@dataclass(frozen=True)
-class GenerationSettings:
-    """What the accordion holds; stored with each conversation."""
-
-    temperature: float = DEFAULT_TEMPERATURE
-    top_p: float = DEFAULT_TOP_P
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
-
-    @classmethod
-    def from_stored(cls, stored: dict[str, Any], *, max_new_tokens: int) -> GenerationSettings:
-        """Settings kept with a conversation, brought within today's bounds."""
-        return cls.bounded(stored.get("temperature", DEFAULT_TEMPERATURE), stored.get("top_p", DEFAULT_TOP_P),
-                           stored.get("max_new_tokens", max_new_tokens), limit=max_new_tokens)
-
-    @classmethod
-    def bounded(cls, temperature: Any, top_p: Any, max_new_tokens: Any, *, limit: int) -> GenerationSettings:
-        """Values from the page or the database, clamped to the sliders' ranges; defaults for junk."""
-        try:
-            values = (float(temperature), float(top_p), int(max_new_tokens))
-        except (TypeError, ValueError, OverflowError):
-            return cls(max_new_tokens=limit)
-        if not all(math.isfinite(v) for v in values):
-            return cls(max_new_tokens=limit)
-        return cls(temperature=min(max(values[0], 0.0), 2.0), top_p=min(max(values[1], 0.05), 1.0),
-                   max_new_tokens=min(max(values[2], 1), limit))
-
-    def as_dict(self) -> dict[str, float | int]:
-        return {"temperature": self.temperature, "top_p": self.top_p, "max_new_tokens": self.max_new_tokens}
 
 
 @dataclass(frozen=True)
@@ -75,12 +46,8 @@ class DraftQuestion:
     """A question not stored yet, shaped like the stored messages `model_messages` reads."""
 
     text: str
-    has_photo: bool
+    image_sha256: str | None
     role: db.Role = db.Role.USER
-
-    @property
-    def image_sha256(self) -> str | None:
-        return "draft-photo" if self.has_photo else None
 
 
 class Handlers:
@@ -90,214 +57,346 @@ class Handlers:
         self.services = services
         self.storage = services.storage
         self.settings = services.settings
+        self.replies = services.replies
         # identity → user row id never changes: look it up (a write transaction) once, not per event
         self._owner_ids = functools.lru_cache(maxsize=OWNER_CACHE_SIZE)(
             lambda identity: owner_id_for(self.storage, identity))
-
-    # --- identity --------------------------------------------------------------------------
 
     def owner(self, secret: str | None, *, username: str | None, oauth_username: str | None) -> int | None:
         """The owner this request proves (see `app.access`); None when it proves none."""
         identity = identity_for(login_required=bool(self.settings.auth), username=username,
                                 oauth_username=oauth_username, browser_secret=secret)
-        if identity is None:
-            return None
-        with _user_errors():
-            return self._owner_ids(identity)
+        return None if identity is None else self._owner_ids(identity)
 
-    # --- sidebar ---------------------------------------------------------------------------
+    # --- opening and listing ---------------------------------------------------------------
 
-    def conversation_list(self, owner_id: int | None, query: str = "", selected: str | None = None) -> dict[str, Any]:
-        if owner_id is None:
-            return gr.update(choices=[], value=None)
-        with _user_errors(), self.storage.session() as s:
-            conversations = db.list_conversations(s, owner_id=owner_id, query=clean_text(query).strip() or None)
-        return gr.update(choices=conversation_choices(conversations), value=selected)
+    def load(self, owner_id: int | None, address: str | None) -> PageView:
+        """The page as the address asks: that conversation, or a new chat (with a notice if not found)."""
+        address = (address or "").strip()
+        if owner_id is None or not address:
+            return self.new_chat(owner_id)
+        try:
+            return self.open(owner_id, address)
+        except db.NotFoundError:
+            view = self.new_chat(owner_id)
+            return view.merged(PageView(notice=Notice(
+                "This conversation was not found: it was deleted, or it belongs to someone else. "
+                "Here is a new chat.", "warning")))
 
-    def open_conversation(self, owner_id: int | None, conversation_id: str | None) -> tuple[str | None, list[dict], float, float, int, str]:
-        """Selected in the sidebar: its id, messages, generation settings and title."""
+    def open(self, owner_id: int | None, conversation_id: str | None) -> PageView:
+        """A conversation from the sidebar, the address or back/forward: its messages, settings and title."""
         if not conversation_id or owner_id is None:
-            return self.new_chat()
-        with _user_errors(), self.storage.session() as s:
+            return self.new_chat(owner_id)
+        with self.storage.session() as s:
             conversation = db.get_conversation(s, owner_id=owner_id, conversation_id=conversation_id)
             records = db.list_messages(s, owner_id=owner_id, conversation_id=conversation_id)
-        params = GenerationSettings.from_stored(conversation.settings, max_new_tokens=self.settings.max_new_tokens)
-        return (conversation.id, self.show(records), params.temperature, params.top_p, params.max_new_tokens,
-                conversation.title)
+            share = db.share_of(s, owner_id=owner_id, conversation_id=conversation_id)
+        params = GenerationParams.clamped(**_stored_params(conversation.settings), limit=self.settings.max_new_tokens)
+        return PageView(
+            conversation_id=conversation.id, messages=self._show(records), title=conversation.title, params=params,
+            conversations=self._conversations(owner_id, selected=conversation.id), notice=NO_NOTICE,
+            editing=None, busy=self.replies.running((owner_id, conversation.id)),
+            context=meter_html(self._context_use(records, params)), share=_share_state(share),
+            download=None)
 
-    def new_chat(self) -> tuple[None, list[dict], float, float, int, str]:
-        """Back to an empty chat; the conversation is created by its first message."""
-        params = GenerationSettings(max_new_tokens=min(DEFAULT_MAX_NEW_TOKENS, self.settings.max_new_tokens))
-        return None, [], params.temperature, params.top_p, params.max_new_tokens, ""
+    def new_chat(self, owner_id: int | None) -> PageView:
+        """An empty chat; the conversation is created by its first message."""
+        return PageView(
+            conversation_id=None, messages=[], title="", params=self._default_params(),
+            conversations=self._conversations(owner_id, selected=None), notice=NO_NOTICE, editing=None,
+            busy=False, context="", share=ShareState(None), download=None)
 
-    def rename(self, owner_id: int | None, conversation_id: str | None, title: str) -> None:
-        if not conversation_id or owner_id is None:
-            raise gr.Error("Open a conversation first, then rename it.")
-        with _user_errors(), self.storage.session() as s:
-            db.rename_conversation(s, owner_id=owner_id, conversation_id=conversation_id, title=clean_text(title))
+    def search(self, owner_id: int | None, query: str, selected: str | None) -> PageView:
+        return PageView(conversations=self._conversations(owner_id, selected=selected, query=query))
 
-    def delete(self, owner_id: int | None, conversation_id: str | None) -> None:
-        if not conversation_id or owner_id is None:
-            raise gr.Error("Open a conversation first, then delete it.")
-        self.services.cancels.cancel(owner_id, conversation_id)
-        with _user_errors(), self.storage.session() as s:
+    def rename(self, owner_id: int | None, conversation_id: str | None, title: str, query: str = "") -> PageView:
+        owner_id, conversation_id = _opened(owner_id, conversation_id, "rename it")
+        with self.storage.session() as s:
+            record = db.rename_conversation(s, owner_id=owner_id, conversation_id=conversation_id,
+                                            title=clean_text(title))
+        return PageView(title=record.title, notice=Notice("Renamed.", "info"),
+                        conversations=self._conversations(owner_id, selected=conversation_id, query=query))
+
+    def delete(self, owner_id: int | None, conversation_id: str | None) -> PageView:
+        owner_id, conversation_id = _opened(owner_id, conversation_id, "delete it")
+        self.replies.cancel((owner_id, conversation_id))
+        with self.storage.session() as s:
             db.delete_conversation(s, owner_id=owner_id, conversation_id=conversation_id)
         if self.services.model.status().state is ModelState.READY:
-            self.services.model.engine().forget(_cache_key(owner_id, conversation_id))
+            self.services.model.engine().forget(cache_key(owner_id, conversation_id))
+        return self.new_chat(owner_id).merged(PageView(notice=Notice("The conversation was deleted.", "info")))
 
     def remember_settings(self, owner_id: int | None, conversation_id: str | None,
-                          temperature: float, top_p: float, max_new_tokens: int) -> None:
+                          temperature: float, top_p: float, max_new_tokens: int) -> PageView:
         if not conversation_id or owner_id is None:
-            return
-        params = GenerationSettings.bounded(temperature, top_p, max_new_tokens, limit=self.settings.max_new_tokens)
-        with _user_errors(), self.storage.session() as s:
+            return PageView()
+        params = self._params(temperature, top_p, max_new_tokens)
+        with self.storage.session() as s:
             db.update_conversation_settings(s, owner_id=owner_id, conversation_id=conversation_id,
                                             settings=params.as_dict())
+        return PageView()
 
-    # --- chat ------------------------------------------------------------------------------
+    # --- asking ----------------------------------------------------------------------------
 
-    def submit(self, owner_id: int | None, message: dict | None, conversation_id: str | None,
-               temperature: float, top_p: float, max_new_tokens: int) -> tuple[str, list[dict]]:
-        """Check and store the question (and photo); the reply streams in `reply`.
+    def send(self, owner_id: int | None, message: dict | None, conversation_id: str | None,
+             editing: Editing | None, temperature: float, top_p: float, max_new_tokens: int) -> PageView:
+        """Check and store the question (and photo), then start its reply on the server.
 
-        Every refusal happens before anything is stored and raises `gr.Error`, so the text and
+        Every refusal happens before anything is stored and raises `Refused`, so the text and
         photo stay in the box: an empty or too-long message, a question that cannot fit in the
-        model's window, a file that is not a usable image, a model that is not ready.
+        model's window, a file that is not a usable photo, a model that is not ready.
         """
         if owner_id is None:
-            raise gr.Error("The page is still starting; try again in a second.")
+            raise Refused("The page is still starting; try again in a second.", kind="warning")
         text, files = _message_parts(message)
-        if not text.strip() and not files:
-            raise gr.Error("Type a question or add a photo first.")
+        if not text.strip() and not files and editing is None:
+            raise Refused("Type a question or add a photo first.", kind="warning")
         if len(text) > self.settings.max_message_chars:
-            raise gr.Error(f"Your message has {len(text)} characters; the limit is "
-                           f"{self.settings.max_message_chars}. Shorten it or split it into several messages.")
+            raise Refused(f"Your message has {len(text):,} characters; the limit is "
+                          f"{self.settings.max_message_chars:,}. Shorten it or split it into several messages.")
         if len(files) > 1:
-            raise gr.Error("Add one photo per message: the model looks at one image at a time.")
-        engine = self._model_or_error()
-        params = GenerationSettings.bounded(temperature, top_p, max_new_tokens, limit=self.settings.max_new_tokens)
-        earlier = self._messages(owner_id, conversation_id) if conversation_id else []
-        self._check_fits(engine, [*earlier, DraftQuestion(text=text, has_photo=bool(files))], params)
+            raise Refused("Add one photo per message: the model looks at one image at a time.")
+        if conversation_id and self.replies.running((owner_id, conversation_id)):
+            raise Refused("A reply is still being written here: wait for it or press Stop.", kind="warning")
+        engine = self._engine()
+        params = self._params(temperature, top_p, max_new_tokens)
+        earlier, edited = self._before_question(owner_id, conversation_id, editing)
+        if editing is not None and not text.strip() and not files and not (edited and edited.image_sha256):
+            raise Refused("Type the new version of the question first.", kind="warning")
+        kept_photo = edited.image_sha256 if edited is not None and not files else None
+        draft = DraftQuestion(text=text, image_sha256=kept_photo or ("draft" if files else None))
+        self._check_fits(engine, [*earlier, draft], params)
         image = self._save_upload(Path(files[0])) if files else None
-        with _user_errors(), self.storage.session() as s:
+        with self.storage.session() as s:
             if conversation_id is None:
-                conversation = db.create_conversation(
-                    s, owner_id=owner_id, model_id=self.services.model.status().model, settings=params.as_dict())
-                conversation_id = conversation.id
+                conversation_id = db.create_conversation(
+                    s, owner_id=owner_id, model_id=self.services.model.status().model,
+                    settings=params.as_dict()).id
             else:
                 db.update_conversation_settings(s, owner_id=owner_id, conversation_id=conversation_id,
                                                 settings=params.as_dict())
             db.add_user_message(s, owner_id=owner_id, conversation_id=conversation_id, text=text,
-                                image_sha256=image.sha256 if image else None)
+                                image_sha256=image.sha256 if image else kept_photo,
+                                edit_of=editing.message_id if editing is not None else None)
             records = db.list_messages(s, owner_id=owner_id, conversation_id=conversation_id)
+        notice = NO_NOTICE
         if image is not None and any(r.image_sha256 for r in earlier):
-            gr.Info("The model now looks at this photo. Earlier photos stay in the chat, but it no longer sees them.")
-        self.services.cancels.new(owner_id, conversation_id)
-        return conversation_id, self.show(records)
+            notice = Notice("The model now looks at this photo. Earlier photos stay in the chat, "
+                            "but it no longer sees them.", "info")
+        self._start_reply(engine, owner_id, conversation_id, params)
+        return PageView(conversation_id=conversation_id, messages=self._show(records), composer="clear",
+                        editing=None, busy=True, notice=notice,
+                        conversations=self._conversations(owner_id, selected=conversation_id))
 
-    def _messages(self, owner_id: int, conversation_id: str) -> list[db.MessageRecord]:
-        with _user_errors(), self.storage.session() as s:
+    def regenerate(self, owner_id: int | None, conversation_id: str | None,
+                   temperature: float, top_p: float, max_new_tokens: int) -> PageView:
+        """A new reply to the last question; the earlier reply stays reachable as another version."""
+        if not conversation_id or owner_id is None:
+            raise Refused("There is no reply to regenerate yet: ask a question first.", kind="warning")
+        if self.replies.running((owner_id, conversation_id)):
+            raise Refused("A reply is still being written here: wait for it or press Stop.", kind="warning")
+        engine = self._engine()
+        params = self._params(temperature, top_p, max_new_tokens)
+        with self.storage.session() as s:
+            records = db.list_messages(s, owner_id=owner_id, conversation_id=conversation_id)
+            question = next((r for r in reversed(records) if r.role is db.Role.USER), None)
+            if question is None:
+                raise Refused("There is no question to answer again in this conversation.", kind="warning")
+            records = db.regenerate_from(s, owner_id=owner_id, conversation_id=conversation_id,
+                                         question_id=question.id)
+        self._start_reply(engine, owner_id, conversation_id, params)
+        return PageView(messages=self._show(records), busy=True, notice=NO_NOTICE, editing=None)
+
+    def attach(self, owner_id: int | None, conversation_id: str | None) -> Iterator[PageView]:
+        """Follow the conversation's reply job, if one runs: the text so far, then live, then the stored reply.
+
+        A reload, a second tab or a reconnect call this again and pick the reply up where it is.
+        Closing the page only closes this listener; the job goes on for a grace period.
+        """
+        if not conversation_id or owner_id is None:
+            return
+        job = self.replies.get((owner_id, conversation_id))
+        if job is None:
+            return
+        records = self._records(owner_id, conversation_id)
+        for snapshot in job.listen():
+            if snapshot.done:
+                break
+            if snapshot.message_id is not None and all(r.id != snapshot.message_id for r in records):
+                records = self._records(owner_id, conversation_id)
+            yield PageView(messages=growing_reply(records, text=snapshot.text, message_id=snapshot.message_id,
+                                                  waiting=snapshot.waiting, image_file=self._image_file),
+                           busy=True)
+        final = job.snapshot()
+        view = self.open(owner_id, conversation_id)
+        outcome = final.outcome if isinstance(final.outcome, ReplyOutcome) else ReplyOutcome()
+        notice = outcome.notice or (Notice(final.notice) if final.notice else None)
+        yield view.merged(PageView(busy=False, notice=notice or NO_NOTICE))
+
+    def stop(self, owner_id: int | None, conversation_id: str | None) -> PageView:
+        """Stop this conversation's reply within a token; the partial text is kept and marked."""
+        if conversation_id and owner_id is not None:
+            self.replies.cancel((owner_id, conversation_id))
+        return PageView()
+
+    # --- actions from inside the chat (edit, versions, back/forward) -----------------------
+
+    def page_action(self, owner_id: int | None, conversation_id: str | None, payload: str) -> PageView:
+        """A click inside a message or a history move, sent by `assets/app.js` as a small JSON object."""
+        action = _parse_action(payload)
+        kind = action.get("action")
+        if kind == "open":
+            return self.load(owner_id, action.get("conversation") if isinstance(action.get("conversation"), str)
+                             else None)
+        message_id = action.get("message")
+        if not isinstance(message_id, int) or not conversation_id or owner_id is None:
+            return PageView()
+        if kind == "switch":
+            with self.storage.session() as s:
+                records = db.switch_branch(s, owner_id=owner_id, conversation_id=conversation_id,
+                                           message_id=message_id)
+            return PageView(messages=self._show(records), notice=NO_NOTICE,
+                            context=meter_html(self._context_use(records, self._default_params())))
+        if kind == "edit":
+            question = next((r for r in self._records(owner_id, conversation_id)
+                             if r.id == message_id and r.role is db.Role.USER), None)
+            if question is None:
+                raise Refused("That question is no longer on this branch.", kind="warning")
+            return PageView(editing=Editing(question.id, EDITING_LABEL), composer=question.text, notice=NO_NOTICE)
+        return PageView()
+
+    def cancel_edit(self, owner_id: int | None) -> PageView:
+        return PageView(editing=None, composer="clear", notice=NO_NOTICE)
+
+    # --- sharing, export and import --------------------------------------------------------
+
+    def share(self, owner_id: int | None, conversation_id: str | None) -> PageView:
+        owner_id, conversation_id = _opened(owner_id, conversation_id, "share it")
+        with self.storage.session() as s:
+            share = db.share_conversation(s, owner_id=owner_id, conversation_id=conversation_id)
+        return PageView(share=_share_state(share), notice=Notice(
+            "Anyone with this link can read this conversation (not change it) until you turn the link off.",
+            "info"))
+
+    def unshare(self, owner_id: int | None, conversation_id: str | None) -> PageView:
+        owner_id, conversation_id = _opened(owner_id, conversation_id, "turn its link off")
+        with self.storage.session() as s:
+            db.revoke_share(s, owner_id=owner_id, conversation_id=conversation_id)
+        return PageView(share=ShareState(None), notice=Notice("The link is off: it no longer shows this "
+                                                              "conversation.", "info"))
+
+    def export(self, owner_id: int | None, conversation_id: str | None, format: ExportFormat) -> PageView:
+        owner_id, conversation_id = _opened(owner_id, conversation_id, "export it")
+        path = export_conversation(self.storage, owner_id=owner_id, conversation_id=conversation_id,
+                                   format=format, into=self._exports_dir)
+        return PageView(download=str(path), notice=NO_NOTICE)
+
+    def export_everything(self, owner_id: int | None) -> PageView:
+        if owner_id is None:
+            raise Refused("The page is still starting; try again in a second.", kind="warning")
+        path = export_all(self.storage, owner_id=owner_id, into=self._exports_dir)
+        if path is None:
+            raise Refused("There is nothing to export yet.", kind="info")
+        return PageView(download=str(path), notice=NO_NOTICE)
+
+    def import_(self, owner_id: int | None, files: list[Any] | None) -> PageView:
+        """Exported conversations back in; the last one imported opens."""
+        if owner_id is None:
+            raise Refused("The page is still starting; try again in a second.", kind="warning")
+        paths = [Path(f if isinstance(f, str) else getattr(f, "name", "")) for f in files or []]
+        try:
+            report = import_files(self.storage, owner_id=owner_id, paths=[p for p in paths if p.name])
+        finally:
+            for path in paths:
+                discard_upload(path)
+        if not report.imported:
+            raise Refused(" ".join(report.refused) or "Choose a file exported from Mipha Chat (.json or .zip).")
+        count = len(report.imported)
+        said = f"Imported {count} conversation{'s' if count != 1 else ''}."
+        if report.refused:
+            said += " Not imported: " + " ".join(report.refused)
+        view = self.open(owner_id, report.imported[-1].id)
+        return view.merged(PageView(notice=Notice(said, "warning" if report.refused else "info")))
+
+    @property
+    def _exports_dir(self) -> Path:
+        return self.settings.temp_dir / "exports"
+
+    # --- helpers ---------------------------------------------------------------------------
+
+    def _start_reply(self, engine: Engine, owner_id: int, conversation_id: str, params: GenerationParams) -> None:
+        work = reply_work(self.storage, engine, owner_id=owner_id, conversation_id=conversation_id, params=params)
+        try:
+            self.replies.start((owner_id, conversation_id), work, notice_for=_job_failure)
+        except ReplyAlreadyRunningError as e:
+            raise Refused(str(e), kind="warning") from e
+
+    def _conversations(self, owner_id: int | None, *, selected: str | None, query: str = "") -> ConversationList:
+        if owner_id is None:
+            return ConversationList([], None)
+        with self.storage.session() as s:
+            conversations = db.list_conversations(s, owner_id=owner_id, query=clean_text(query).strip() or None)
+        return ConversationList(conversation_choices(conversations), selected)
+
+    def _records(self, owner_id: int, conversation_id: str) -> list[db.MessageRecord]:
+        with self.storage.session() as s:
             return db.list_messages(s, owner_id=owner_id, conversation_id=conversation_id)
 
-    def _check_fits(self, engine, records, params: GenerationSettings) -> None:
+    def _before_question(self, owner_id: int, conversation_id: str | None, editing: Editing | None
+                         ) -> tuple[list[db.MessageRecord], db.MessageRecord | None]:
+        """The messages the new question follows and, when editing, the question it replaces."""
+        if not conversation_id:
+            if editing is not None:
+                raise Refused("Open the conversation of that question first.", kind="warning")
+            return [], None
+        records = self._records(owner_id, conversation_id)
+        if editing is None:
+            return records, None
+        index = next((i for i, r in enumerate(records) if r.id == editing.message_id), None)
+        if index is None:
+            raise Refused("That question is no longer on this branch; cancel the edit and try again.",
+                          kind="warning")
+        return records[:index], records[index]
+
+    def _check_fits(self, engine: Engine, records: list[Any], params: GenerationParams) -> None:
         """Refuse, before anything is stored, a question the model's window cannot hold.
 
         Only the prompt's length matters here, so every photo is stood in for by a blank one:
         no photo is decoded and the vision tower does not run.
         """
-        messages = model_messages(records, load_image=lambda _sha256: _PHOTO_STAND_IN)
         try:
-            engine.prepare(messages, max_new_tokens=params.max_new_tokens)
+            engine.prepare(model_messages(records, load_image=lambda _sha256: _PHOTO_STAND_IN),
+                           max_new_tokens=params.max_new_tokens)
         except ContextOverflowError as e:
-            raise gr.Error(f"{_sentence(str(e))} Your text is still in the box.") from e
+            raise Refused(f"{_sentence(str(e))} Your text is still in the box.") from e
 
-    def prepare_regenerate(self, owner_id: int | None, conversation_id: str | None) -> list[dict]:
-        """Remove the last reply so that `reply` writes a new one."""
-        if not conversation_id or owner_id is None:
-            raise gr.Error("There is no reply to regenerate yet: ask a question first.")
-        self._model_or_error()
-        with _user_errors(), self.storage.session() as s:
-            records = db.list_messages(s, owner_id=owner_id, conversation_id=conversation_id)
-            last_question = max((r.position for r in records if r.role is db.Role.USER), default=None)
-            if last_question is None:
-                raise gr.Error("There is no question to answer again in this conversation.")
-            db.delete_messages_from(s, owner_id=owner_id, conversation_id=conversation_id,
-                                    position=last_question + 1)
-            records = db.list_messages(s, owner_id=owner_id, conversation_id=conversation_id)
-        self.services.cancels.new(owner_id, conversation_id)
-        return self.show(records)
-
-    def reply(self, owner_id: int | None, conversation_id: str | None,
-              temperature: float, top_p: float, max_new_tokens: int) -> Iterator[list[dict]]:
-        """Stream the answer to the conversation's last question, persisting it as it grows.
-
-        Stop sets this conversation's cancel event; closing the tab closes this generator,
-        whose `finally` sets it too, so the model is freed for the next user either way.
-        """
-        if not conversation_id or owner_id is None:
-            return
-        engine = self._model_or_error()
-        cancel = self.services.cancels.get(owner_id, conversation_id)
+    def _context_use(self, records: list[db.MessageRecord], params: GenerationParams) -> ContextUse | None:
+        """How much of the window the conversation takes; None without a model or messages."""
+        if not records or self.services.model.status().state is not ModelState.READY:
+            return None
+        engine = self.services.model.engine()
+        asked = [*records, DraftQuestion(text="", image_sha256=None)] if records[-1].role is not db.Role.USER \
+            else records
         try:
-            with self.storage.session() as s:
-                records = db.list_messages(s, owner_id=owner_id, conversation_id=conversation_id)
-            if not records or records[-1].role is not db.Role.USER:
-                return
-            messages = model_messages(records, load_image=self._load_image)
-            params = GenerationSettings.bounded(temperature, top_p, max_new_tokens, limit=self.settings.max_new_tokens)
-            shown = self.show(records)
-            yield from self._stream_into_storage(engine, messages, params, cancel, records, shown,
-                                                 conversation_id=conversation_id, owner_id=owner_id)
-        finally:
-            cancel.set()
-            self.services.cancels.release(owner_id, conversation_id, cancel)
+            prepared = engine.prepare(model_messages(asked, load_image=lambda _sha256: _PHOTO_STAND_IN),
+                                      max_new_tokens=params.max_new_tokens)
+        except ContextOverflowError:
+            return None
+        return ContextUse.of(prepared, context_length=engine.context_length, image_tokens=engine.image_tokens)
 
-    def _stream_into_storage(self, engine, messages, params: GenerationSettings, cancel: threading.Event,
-                             records, shown: list[dict], *, conversation_id: str, owner_id: int
-                             ) -> Iterator[list[dict]]:
+    def _engine(self) -> Engine:
         try:
-            stream = engine.stream(messages, max_new_tokens=params.max_new_tokens, temperature=params.temperature,
-                                   top_p=params.top_p, cancel=cancel, cache=_cache_key(owner_id, conversation_id))
-        except ContextOverflowError as e:
-            with self.storage.session() as s:  # the unanswerable question goes; its text is in the error
-                db.delete_messages_from(s, owner_id=owner_id, conversation_id=conversation_id,
-                                        position=records[-1].position)
-            raise gr.Error(f"{e} Your message was: {records[-1].text[:200]!r}") from e
-        if stream.dropped_turns:
-            gr.Warning(f"This conversation is longer than the model's memory: the {stream.dropped_turns} oldest "
-                       "turns are no longer seen by the model. Start a new chat for a fresh context.")
-        # closing() makes an early exit (Stop, a closed tab) wait for the generation thread to end
-        with db.ReplyWriter.start(self.storage, owner_id=owner_id, conversation_id=conversation_id) as writer, \
-                closing(iter(stream)) as chunks:
-            try:
-                for chunk in chunks:
-                    writer.append(chunk)
-                    yield shown + chatbot_messages([_growing(writer.message, writer.text)], image_file=self._image_file)
-            except MiphaError as e:  # e.g. out of memory on the device: keep what came, say why
-                writer.finish(status=db.MessageStatus.ERROR, finish_reason="error")
-                gr.Warning(f"{e}")
-            except db.LimitExceededError as e:
-                cancel.set()
-                writer.finish(status=db.MessageStatus.COMPLETE, finish_reason="length")
-                gr.Warning(str(e))
-            except db.StorageUnavailableError as e:  # the disk filled up or the database is locked
-                cancel.set()  # the writer records the reply as failed on its way out, if it can
-                raise gr.Error(str(e)) from e
-            else:
-                stats = stream.stats
-                status = db.MessageStatus.CANCELLED if stats.finish_reason == "cancelled" else db.MessageStatus.COMPLETE
-                writer.finish(status=status, finish_reason=stats.finish_reason, prompt_tokens=stats.prompt_tokens,
-                              completion_tokens=stats.completion_tokens, reused_tokens=stats.reused_tokens)
-        yield shown + chatbot_messages([writer.message], image_file=self._image_file)
+            return self.services.model.engine()
+        except ModelNotReadyError as e:
+            raise Refused(str(e), kind="warning") from e
 
-    def stop(self, owner_id: int | None, conversation_id: str | None) -> None:
-        """Stop this conversation's reply within a token; the partial text is kept and marked."""
-        if conversation_id and owner_id is not None:
-            self.services.cancels.cancel(owner_id, conversation_id)
+    def _params(self, temperature: Any, top_p: Any, max_new_tokens: Any) -> GenerationParams:
+        return GenerationParams.clamped(temperature, top_p, max_new_tokens, limit=self.settings.max_new_tokens)
 
-    # --- helpers ---------------------------------------------------------------------------
+    def _default_params(self) -> GenerationParams:
+        return GenerationParams(max_new_tokens=min(DEFAULT_MAX_NEW_TOKENS, self.settings.max_new_tokens))
 
-    def show(self, records) -> list[dict]:
+    def _show(self, records: list[db.MessageRecord]) -> list[dict]:
         return chatbot_messages(records, image_file=self._image_file)
 
     def _image_file(self, sha256: str) -> Path | None:
@@ -306,51 +405,61 @@ class Handlers:
         except db.ImageNotFoundError:
             return None
 
-    def _load_image(self, sha256: str):
-        return load_image(db.image_path(self.storage, sha256))
-
-    def _model_or_error(self):
-        try:
-            return self.services.model.engine()
-        except ModelNotReadyError as e:
-            raise gr.Error(str(e)) from e
-
     def _save_upload(self, path: Path) -> db.ImageRecord:
         """Store the cleaned photo; the original upload (with its EXIF and GPS) is deleted."""
         limit = self.storage.limits.max_image_bytes
         try:
             size = path.stat().st_size
         except OSError as e:
-            raise gr.Error("The upload did not arrive completely; add the photo again.") from e
+            raise Refused("The upload did not arrive completely; add the photo again.") from e
         if size > limit:
             discard_upload(path)
-            raise gr.Error(f"The photo is {size / 1e6:.1f} MB; the limit is {limit / 1e6:.0f} MB. "
-                           "Use a smaller or more compressed photo.")
+            raise Refused(f"The photo is {size / 1e6:.1f} MB; the limit is {limit / 1e6:.0f} MB. "
+                          "Use a smaller or more compressed photo.")
         try:
             record = db.save_image(self.storage, path.read_bytes())
         except db.InvalidImageError as e:
             discard_upload(path)
-            raise gr.Error("That file is not a photo this app can read: send a JPEG, PNG, WebP, GIF, BMP, HEIC "
-                           "or AVIF photo.") from e
+            raise Refused("That file is not a photo this app can read: send a JPEG, PNG, WebP, GIF, BMP, HEIC "
+                          "or AVIF photo.") from e
         except db.LimitExceededError as e:
             discard_upload(path)
-            raise gr.Error(str(e)) from e
-        except db.StorageError as e:  # e.g. a full disk: keep the upload so that sending again works
-            raise gr.Error(str(e)) from e
+            raise Refused(str(e)) from e
         except OSError as e:
-            raise gr.Error("The upload did not arrive completely; add the photo again.") from e
+            raise Refused("The upload did not arrive completely; add the photo again.") from e
         discard_upload(path)
         return record
 
 
-def _cache_key(owner_id: int, conversation_id: str) -> CacheKey:
-    """Caches are kept per conversation and shared only among one person's conversations."""
-    return CacheKey(owner=str(owner_id), conversation=conversation_id)
+def _opened(owner_id: int | None, conversation_id: str | None, doing: str) -> tuple[int, str]:
+    if not conversation_id or owner_id is None:
+        raise Refused(f"Open a conversation first, then {doing}.", kind="warning")
+    return owner_id, conversation_id
 
 
-def _growing(message: db.MessageRecord, text: str) -> db.MessageRecord:
-    """The reply being written, with the text received so far (the stored copy lags by design)."""
-    return replace(message, text=text, status=db.MessageStatus.PARTIAL)
+def _stored_params(stored: dict[str, Any]) -> dict[str, Any]:
+    return {"temperature": stored.get("temperature"), "top_p": stored.get("top_p"),
+            "max_new_tokens": stored.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)}
+
+
+def _share_state(share: db.ShareRecord | None) -> ShareState:
+    return ShareState(None if share is None else f"/share/{share.token}")
+
+
+def _job_failure(error: BaseException) -> str:
+    if isinstance(error, db.StorageError):
+        return str(error)
+    return UNEXPECTED_FAILURE
+
+
+def _parse_action(payload: str) -> dict[str, Any]:
+    if not isinstance(payload, str) or len(payload) > MAX_ACTION_CHARS:
+        return {}
+    try:
+        action = json.loads(payload)
+    except ValueError:
+        return {}
+    return action if isinstance(action, dict) else {}
 
 
 def _message_parts(message: dict | str | None) -> tuple[str, list[str]]:
@@ -370,15 +479,3 @@ def _sentence(text: str) -> str:
         return text
     text = text[0].upper() + text[1:]
     return text if text.endswith((".", "!", "?")) else text + "."
-
-
-class _user_errors:
-    """Turn storage's user-facing errors into `gr.Error` (their messages are written for users)."""
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, exc_type, exc, tb) -> bool:
-        if exc is not None and isinstance(exc, db.StorageError):
-            raise gr.Error(str(exc)) from exc
-        return False

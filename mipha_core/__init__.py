@@ -22,7 +22,7 @@ from mipha_core.errors import (
     ModelLoadError,
     UnsupportedModelError,
 )
-from mipha_core.generation import GenerationParams, InvalidGenerationParamsError
+from mipha_core.generation import TEMPERATURE_RANGE, TOP_P_RANGE, GenerationParams, InvalidGenerationParamsError
 from mipha_core.images import load_image
 from mipha_core.loading import DEFAULT_MODEL, TINY_MODEL, load_engine
 from mipha_core.streaming import GenerationOutOfMemoryError, ReplyStats, ReplyStream
@@ -31,5 +31,5 @@ __all__ = [
     "DEFAULT_MODEL", "MIN_REPLY_TOKENS", "TINY_MODEL", "CacheKey", "CacheSettings", "ContextOverflowError", "Engine", "GenerationOutOfMemoryError",
     "GenerationParams", "ImageError", "ImageTooLargeError", "InvalidGenerationParamsError", "InvalidImageError",
     "InvalidMessagesError", "MiphaError", "ModelLoadError", "PreparedPrompt", "ReplyStats", "ReplyStream",
-    "UnsupportedModelError", "load_engine", "load_image",
+    "TEMPERATURE_RANGE", "TOP_P_RANGE", "UnsupportedModelError", "load_engine", "load_image",
 ]

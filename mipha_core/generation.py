@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from dataclasses import dataclass
@@ -19,21 +20,53 @@ class InvalidGenerationParamsError(MiphaError, ValueError):
     """A generation setting is out of range."""
 
 
+TEMPERATURE_RANGE = (0.0, 2.0)
+"""What a reply may be sampled with, the same range as OpenAI's API; 0 is greedy."""
+TOP_P_RANGE = (0.05, 1.0)
+DEFAULT_TEMPERATURE = 0.2
+DEFAULT_TOP_P = 1.0
+DEFAULT_MAX_NEW_TOKENS = 512
+
+
 @dataclass(frozen=True)
 class GenerationParams:
-    """Sampling settings for one reply. ``temperature == 0`` means greedy decoding."""
+    """Sampling settings for one reply. ``temperature == 0`` means greedy decoding.
 
-    max_new_tokens: int = 512
-    temperature: float = 0.2
-    top_p: float = 1.0
+    The ranges here are the only generation bounds: the page's sliders and stored
+    per-conversation settings use them too.
+    """
+
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    temperature: float = DEFAULT_TEMPERATURE
+    top_p: float = DEFAULT_TOP_P
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise InvalidGenerationParamsError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
-        if not 0.0 <= self.temperature <= 5.0:
-            raise InvalidGenerationParamsError(f"temperature must be in [0, 5], got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise InvalidGenerationParamsError(f"top_p must be in (0, 1], got {self.top_p}")
+        low, high = TEMPERATURE_RANGE
+        if not low <= self.temperature <= high:
+            raise InvalidGenerationParamsError(f"temperature must be in [{low:g}, {high:g}], got {self.temperature}")
+        low, high = TOP_P_RANGE
+        if not low <= self.top_p <= high:
+            raise InvalidGenerationParamsError(f"top_p must be in [{low:g}, {high:g}], got {self.top_p}")
+
+    @classmethod
+    def clamped(cls, temperature: object, top_p: object, max_new_tokens: object, *, limit: int) -> GenerationParams:
+        """Values from a page or a database brought within the bounds; defaults for junk.
+
+        ``limit`` is the server's cap on reply length (``--max-new-tokens``).
+        """
+        try:
+            values = (float(temperature), float(top_p), int(max_new_tokens))  # type: ignore[arg-type]
+        except (TypeError, ValueError, OverflowError):
+            return cls(max_new_tokens=min(DEFAULT_MAX_NEW_TOKENS, limit))
+        if not all(math.isfinite(v) for v in values):
+            return cls(max_new_tokens=min(DEFAULT_MAX_NEW_TOKENS, limit))
+        return cls(temperature=_clamp(values[0], TEMPERATURE_RANGE), top_p=_clamp(values[1], TOP_P_RANGE),
+                   max_new_tokens=min(max(int(values[2]), 1), limit))
+
+    def as_dict(self) -> dict[str, float | int]:
+        return {"temperature": self.temperature, "top_p": self.top_p, "max_new_tokens": self.max_new_tokens}
 
     def to_generation_config(self, *, end_token_id: int, suppressed_ids: list[int]) -> GenerationConfig:
         """A complete config, so nothing leaks in from a checkpoint's defaults."""
@@ -78,3 +111,7 @@ class CountingTextStreamer(TextIteratorStreamer):
             if self.first_token_at is None:
                 self.first_token_at = time.perf_counter()
         super().put(value)
+
+
+def _clamp(value: float, bounds: tuple[float, float]) -> float:
+    return min(max(value, bounds[0]), bounds[1])

@@ -1,4 +1,4 @@
-"""Mipha Chat persistence: users, conversations, messages and photos.
+"""Mipha Chat persistence: users, conversations, messages, photos and share links.
 
 Open the data directory once per process, then do each unit of work in its
 own session::
@@ -20,9 +20,21 @@ the driver's error. ``open_storage`` locks the data directory for the life of
 the Storage and raises ``DataDirError`` subclasses (``DataDirInUseError``,
 ``DataDirNotWritableError``), whose messages are for the operator.
 
+A conversation is a tree of messages: ``add_user_message(..., edit_of=id)``
+adds a sibling of a question, ``regenerate_from`` readies a sibling reply,
+``switch_branch`` shows another branch, and nothing is overwritten.
+``list_messages`` returns the *active path* (root to the active leaf), each
+record with its ``parent_id`` and ``sibling_ids``.
+
+``share_conversation`` makes a read-only link token that ``revoke_share``
+turns off for good; ``shared_conversation`` and ``shared_image_path`` serve it
+to anyone holding the token (no ``owner_id``), raising ``ShareNotFoundError``,
+``ShareRevokedError`` or ``ImageNotFoundError``.
+
 Nothing here imports torch or gradio.
 """
 
+from storage.branches import regenerate_from, switch_branch
 from storage.config import StorageConfig, StorageLimits
 from storage.conversations import (
     DEFAULT_TITLE,
@@ -47,6 +59,8 @@ from storage.errors import (
     LimitExceededError,
     MessageNotFoundError,
     NotFoundError,
+    ShareNotFoundError,
+    ShareRevokedError,
     StorageBusyError,
     StorageError,
     StorageFullError,
@@ -69,9 +83,12 @@ from storage.records import (
     MessageRecord,
     MessageStatus,
     Role,
+    SharedConversation,
+    ShareRecord,
     UserKind,
     UserRecord,
 )
+from storage.shares import revoke_share, share_conversation, share_of, shared_conversation, shared_image_path
 from storage.startup import open_storage
 from storage.streaming import ReplyWriter
 from storage.users import get_user, user_for_browser_secret, user_for_oauth, user_for_password_login
@@ -95,6 +112,10 @@ __all__ = [
     "NotFoundError",
     "ReplyWriter",
     "Role",
+    "ShareNotFoundError",
+    "ShareRecord",
+    "ShareRevokedError",
+    "SharedConversation",
     "Storage",
     "StorageBusyError",
     "StorageConfig",
@@ -119,9 +140,16 @@ __all__ = [
     "list_conversations",
     "list_messages",
     "open_storage",
+    "regenerate_from",
     "rename_conversation",
+    "revoke_share",
     "save_image",
+    "share_conversation",
+    "share_of",
+    "shared_conversation",
+    "shared_image_path",
     "start_assistant_message",
+    "switch_branch",
     "title_from_text",
     "update_assistant_message",
     "update_conversation_settings",

@@ -52,6 +52,25 @@ class ImageNotFoundError(NotFoundError):
         self.sha256 = sha256
 
 
+class ShareNotFoundError(NotFoundError):
+    """A shared link's token is unknown (or malformed: it is refused before any lookup)."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "This shared link does not exist. Check the address, "
+            "or ask the person who shared it for a new link."
+        )
+
+
+class ShareRevokedError(NotFoundError):
+    """The owner turned the shared link off; it never comes back on."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "The owner turned this shared link off. Ask them for a new link if you should still see it."
+        )
+
+
 class InvalidInputError(StorageError, ValueError):
     """A value given to a storage function is malformed (empty title, bad id, ...)."""
 

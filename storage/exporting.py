@@ -4,6 +4,10 @@ Data URIs (``data:image/jpeg;base64,...``) keep an export a single file that
 can be read, mailed and imported back without unpacking an archive. The JSON
 format is versioned (``"format": "mipha-chat-conversation", "version": 1``)
 and is what :func:`storage.import_json` accepts.
+
+Both formats hold the *active path* (what :func:`storage.list_messages`
+returns, the branch on screen), not the other branches an edit or a
+regenerated reply left: an export reads like the conversation as shown.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ _SPEAKERS = {Role.USER: "You", Role.ASSISTANT: "Mipha"}
 
 
 def export_json(session: Session, *, storage: Storage, owner_id: int, conversation_id: str) -> str:
-    """The conversation as JSON text (UTF-8, photos inline as data URIs)."""
+    """The conversation's active path as JSON text (UTF-8, photos inline as data URIs)."""
     conversation = get_conversation(session, owner_id=owner_id, conversation_id=conversation_id)
     messages = list_messages(session, owner_id=owner_id, conversation_id=conversation_id)
     document = {
@@ -54,7 +58,7 @@ def export_markdown(
     conversation_id: str,
     embed_images: bool = True,
 ) -> str:
-    """The conversation as Markdown; photos as inline data-URI images (or a placeholder)."""
+    """The conversation's active path as Markdown; photos as inline data-URI images (or a placeholder)."""
     conversation = get_conversation(session, owner_id=owner_id, conversation_id=conversation_id)
     messages = list_messages(session, owner_id=owner_id, conversation_id=conversation_id)
     lines = [f"# {conversation.title}", ""]

@@ -11,7 +11,9 @@ of the stored bytes). Then the photo files are written and the photo rows,
 the conversation and its messages go into the database in one transaction, in
 that order (messages refer to photos); if that fails, the new files are
 removed. A failure of the disk or the database raises a
-StorageUnavailableError subclass.
+StorageUnavailableError subclass. An export holds one branch (the active
+path), so the imported conversation is a single chain of messages whose last
+one is the active leaf.
 """
 
 from __future__ import annotations
@@ -257,20 +259,24 @@ def _insert(
     row = session.get(Conversation, record.id)
     if conversation["created_at"] is not None:
         row.created_at = conversation["created_at"]
-    for position, message in enumerate(messages):
+    parent_id = None
+    for position, message in enumerate(messages):  # one branch: each message follows the one before
         fields = {k: v for k, v in vars(message).items() if k not in ("image", "role", "status", "created_at")}
-        session.add(
-            Message(
-                conversation_id=row.id,
-                position=position,
-                role=message.role.value,
-                status=message.status.value,
-                image_sha256=message.image.sha256 if message.image else None,
-                created_at=message.created_at or row.created_at,
-                updated_at=message.created_at or row.created_at,
-                **fields,
-            )
+        message_row = Message(
+            conversation_id=row.id,
+            parent_id=parent_id,
+            position=position,
+            role=message.role.value,
+            status=message.status.value,
+            image_sha256=message.image.sha256 if message.image else None,
+            created_at=message.created_at or row.created_at,
+            updated_at=message.created_at or row.created_at,
+            **fields,
         )
+        session.add(message_row)
+        session.flush()
+        parent_id = message_row.id
+    row.active_leaf_id = parent_id
     session.flush()
     return conversation_record(row)
 

@@ -7,13 +7,14 @@ from datetime import UTC, datetime
 from sqlalchemy.orm import Session
 
 from storage.config import StorageLimits
-from storage.models import Conversation, Image, Message, User
+from storage.models import Conversation, Image, Message, Share, User
 from storage.records import (
     ConversationRecord,
     ImageRecord,
     MessageRecord,
     MessageStatus,
     Role,
+    ShareRecord,
     UserKind,
     UserRecord,
 )
@@ -56,7 +57,8 @@ def conversation_record(row: Conversation) -> ConversationRecord:
     )
 
 
-def message_record(row: Message) -> MessageRecord:
+def message_record(row: Message, *, sibling_ids: tuple[int, ...] = ()) -> MessageRecord:
+    """The record of ``row``; without ``sibling_ids`` it says the message has no alternatives."""
     return MessageRecord(
         id=row.id,
         conversation_id=row.conversation_id,
@@ -73,6 +75,17 @@ def message_record(row: Message) -> MessageRecord:
         duration_seconds=row.duration_seconds,
         created_at=as_utc(row.created_at),
         updated_at=as_utc(row.updated_at),
+        parent_id=row.parent_id,
+        sibling_ids=sibling_ids,
+    )
+
+
+def share_record(row: Share) -> ShareRecord:
+    return ShareRecord(
+        token=row.token,
+        conversation_id=row.conversation_id,
+        created_at=as_utc(row.created_at),
+        revoked_at=None if row.revoked_at is None else as_utc(row.revoked_at),
     )
 
 

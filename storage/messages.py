@@ -1,14 +1,16 @@
-"""Messages of a conversation: questions, replies being streamed, regenerate.
+"""Messages of a conversation tree: questions, replies being streamed, the active path.
 
 Every function is scoped by owner: a message is found through its
-conversation, with the owner in the same query.
+conversation, with the owner in the same query. New messages go below the
+conversation's active leaf (see :mod:`storage.tree`); :mod:`storage.branches`
+moves that leaf to regenerate a reply or to show another branch.
 """
 
 from __future__ import annotations
 
 import logging
 
-from sqlalchemy import func, select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from storage.conversations import DEFAULT_TITLE, owned_conversation, title_from_text
@@ -17,6 +19,7 @@ from storage.images import release_unused_images
 from storage.mapping import limits_of, message_record
 from storage.models import Conversation, Image, Message, utcnow
 from storage.records import MessageRecord, MessageStatus, Role
+from storage.tree import Node, Tree, active_path, sibling_ids
 
 logger = logging.getLogger(__name__)
 
@@ -31,29 +34,44 @@ def add_user_message(
     conversation_id: str,
     text: str,
     image_sha256: str | None = None,
+    edit_of: int | None = None,
 ) -> MessageRecord:
-    """Append a question. The first question of an untitled conversation becomes its title."""
+    """Add a question and make it the active leaf.
+
+    Without ``edit_of`` it follows the active leaf: normally a reply, but a
+    question left without one (a reply stopped before it started) is followed
+    just the same. With ``edit_of``, the id of a question in this conversation,
+    it becomes that question's sibling (same parent, same position): the old
+    question and its branch stay, and :func:`storage.switch_branch` shows them
+    again. The first root question of an untitled conversation becomes its title.
+    """
     conversation = owned_conversation(session, owner_id=owner_id, conversation_id=conversation_id)
-    check_message_text(session, text)
-    if not text.strip() and image_sha256 is None:
-        raise InvalidInputError("A message needs some text or a photo.")
-    if image_sha256 is not None and session.get(Image, image_sha256) is None:
-        raise ImageNotFoundError(image_sha256)
-    row = _append(session, conversation, role=Role.USER, text=text, status=MessageStatus.COMPLETE)
-    row.image_sha256 = image_sha256
-    if row.position == 0 and conversation.title == DEFAULT_TITLE:
+    _check_question(session, text=text, image_sha256=image_sha256)
+    tree = Tree.load(session, conversation_id=conversation.id)
+    parent = _parent_of_new_question(tree, conversation, edit_of=edit_of)
+    row = _add(session, conversation, tree, parent=parent, role=Role.USER, text=text, image_sha256=image_sha256)
+    if row.parent_id is None and conversation.title == DEFAULT_TITLE:
         limit = limits_of(session).max_title_chars
         conversation.title = title_from_text(text, max_chars=limit) if text.strip() else PHOTO_TITLE
     session.flush()
-    return message_record(row)
+    return _record(session, row)
 
 
 def start_assistant_message(session: Session, *, owner_id: int, conversation_id: str) -> MessageRecord:
-    """Append an empty reply in status ``partial``; grow it with update_assistant_message."""
+    """Add an empty reply (status ``partial``) to the active leaf, which must be a question.
+
+    The reply becomes the active leaf; grow it with update_assistant_message.
+    """
     conversation = owned_conversation(session, owner_id=owner_id, conversation_id=conversation_id)
-    row = _append(session, conversation, role=Role.ASSISTANT, text="", status=MessageStatus.PARTIAL)
-    session.flush()
-    return message_record(row)
+    tree = Tree.load(session, conversation_id=conversation.id)
+    leaf = tree.leaf(conversation.active_leaf_id)
+    if leaf is None or tree.nodes[leaf].role is not Role.USER:
+        raise InvalidInputError(
+            "There is no question waiting for a reply: the conversation is empty or already ends "
+            "with a reply. Ask a question, or regenerate the reply to an earlier one."
+        )
+    row = _add(session, conversation, tree, parent=tree.nodes[leaf], role=Role.ASSISTANT, text="")
+    return _record(session, row)
 
 
 def update_assistant_message(
@@ -92,35 +110,50 @@ def update_assistant_message(
             setattr(row, name, value)
     row.conversation.updated_at = now
     session.flush()
-    return message_record(row)
+    return _record(session, row)
 
 
 def list_messages(session: Session, *, owner_id: int, conversation_id: str) -> list[MessageRecord]:
+    """The active path: from the root question down to the active leaf, in order.
+
+    Each record carries its ``parent_id`` and ``sibling_ids``, so the UI can
+    offer the other branches at every step.
+    """
     conversation = owned_conversation(session, owner_id=owner_id, conversation_id=conversation_id)
-    rows = session.scalars(
-        select(Message).where(Message.conversation_id == conversation.id).order_by(Message.position)
-    )
-    return [message_record(row) for row in rows]
+    return active_path(session, conversation)
 
 
 def delete_messages_from(
     session: Session, *, owner_id: int, conversation_id: str, position: int
 ) -> int:
-    """Delete the messages at ``position`` and after (regenerate, edit a question).
+    """Delete the active path's message at depth ``position`` and every message below it.
 
-    Returns how many were deleted; images no other message uses are released.
+    For callers written before branches (editing and regenerating now keep the
+    old messages). Only that message's branch goes: its siblings and their
+    branches stay. The active leaf moves to its parent (after a root question,
+    to the newest message left). Returns how many messages were deleted;
+    photos no other message uses are released.
     """
     conversation = owned_conversation(session, owner_id=owner_id, conversation_id=conversation_id)
-    rows = session.scalars(
-        select(Message).where(Message.conversation_id == conversation.id, Message.position >= position)
-    ).all()
-    images = {row.image_sha256 for row in rows if row.image_sha256}
-    for row in rows:
-        session.delete(row)
+    if type(position) is not int or position < 0:
+        raise InvalidInputError(f"A message position is a depth of 0 or more, got {position!r:.40}.")
+    tree = Tree.load(session, conversation_id=conversation.id)
+    path = tree.path(tree.leaf(conversation.active_leaf_id))
+    if position >= len(path):
+        return 0
+    doomed = tree.subtree(path[position])
+    images = set(
+        session.scalars(
+            select(Message.image_sha256).where(Message.id.in_(doomed), Message.image_sha256.is_not(None))
+        )
+    )
+    session.execute(delete(Message).where(Message.id.in_(doomed)))
+    parent = tree.nodes[path[position]].parent_id
+    conversation.active_leaf_id = parent if parent is not None else max(set(tree.nodes) - set(doomed), default=None)
     conversation.updated_at = utcnow()
     session.flush()
     release_unused_images(session, candidates=images)
-    return len(rows)
+    return len(doomed)
 
 
 def mark_interrupted_replies(session: Session) -> int:
@@ -152,35 +185,67 @@ def check_message_text(session: Session, text: str) -> None:
         )
 
 
-def _append(
-    session: Session, conversation: Conversation, *, role: Role, text: str, status: MessageStatus
+def _check_question(session: Session, *, text: str, image_sha256: str | None) -> None:
+    check_message_text(session, text)
+    if not text.strip() and image_sha256 is None:
+        raise InvalidInputError("A message needs some text or a photo.")
+    if image_sha256 is not None and session.get(Image, image_sha256) is None:
+        raise ImageNotFoundError(image_sha256)
+
+
+def _parent_of_new_question(tree: Tree, conversation: Conversation, *, edit_of: int | None) -> Node | None:
+    if edit_of is None:
+        leaf = tree.leaf(conversation.active_leaf_id)
+        return None if leaf is None else tree.nodes[leaf]
+    edited = tree.node(edit_of)
+    if edited.role is not Role.USER:
+        raise InvalidInputError(
+            f"Message {edit_of} is a reply, and only questions can be edited. "
+            "Regenerate the reply instead, or edit the question it answers."
+        )
+    return None if edited.parent_id is None else tree.nodes[edited.parent_id]
+
+
+def _add(
+    session: Session,
+    conversation: Conversation,
+    tree: Tree,
+    *,
+    parent: Node | None,
+    role: Role,
+    text: str,
+    image_sha256: str | None = None,
 ) -> Message:
-    last = session.scalar(
-        select(func.max(Message.position)).where(Message.conversation_id == conversation.id)
-    )
-    position = 0 if last is None else last + 1
+    """Insert a message below ``parent`` and make it the active leaf."""
     limit = limits_of(session).max_messages_per_conversation
-    if position >= limit:
+    if len(tree) >= limit:
         raise LimitExceededError(
             f"This conversation has reached {limit} messages, the most it can hold. "
             "Start a new conversation to go on.",
             limit_name="max_messages_per_conversation",
             limit=limit,
-            actual=position + 1,
+            actual=len(tree) + 1,
         )
     now = utcnow()
     row = Message(
         conversation_id=conversation.id,
-        position=position,
+        parent_id=None if parent is None else parent.id,
+        position=0 if parent is None else parent.position + 1,
         role=role.value,
         text=text,
-        status=status.value,
+        image_sha256=image_sha256,
+        status=(MessageStatus.COMPLETE if role is Role.USER else MessageStatus.PARTIAL).value,
         created_at=now,
         updated_at=now,
     )
     session.add(row)
-    conversation.updated_at = now
+    session.flush()
+    conversation.active_leaf_id, conversation.updated_at = row.id, now
     return row
+
+
+def _record(session: Session, row: Message) -> MessageRecord:
+    return message_record(row, sibling_ids=sibling_ids(session, row))
 
 
 def _owned_message(session: Session, *, owner_id: int, message_id: int) -> Message:

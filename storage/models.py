@@ -54,6 +54,10 @@ class Conversation(Base):
     settings: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # The last message of the branch on screen (added in 0003). No foreign key:
+    # messages already point here, and the cycle would make SQLite's table
+    # copies in migrations fragile. Storage moves it whenever it deletes messages.
+    active_leaf_id: Mapped[int | None]
 
     messages: Mapped[list[Message]] = relationship(
         back_populates="conversation",
@@ -78,7 +82,9 @@ class Image(Base):
 class Message(Base):
     __tablename__ = "messages"
     __table_args__ = (
-        UniqueConstraint("conversation_id", "position"),
+        # Not unique since 0003: sibling messages (edits, regenerated replies) share a depth.
+        Index("ix_messages_conversation_id_position", "conversation_id", "position"),
+        Index("ix_messages_parent_id", "parent_id"),
         Index("ix_messages_status", "status"),
         Index("ix_messages_image_sha256", "image_sha256"),
     )
@@ -87,6 +93,10 @@ class Message(Base):
     conversation_id: Mapped[str] = mapped_column(
         ForeignKey("conversations.id", ondelete="CASCADE")
     )
+    # The message this one follows; None for a root question (added in 0003).
+    # Deleting a message deletes the branch below it.
+    parent_id: Mapped[int | None] = mapped_column(ForeignKey("messages.id", ondelete="CASCADE"))
+    # Depth in the conversation tree: 0 for a root question.
     position: Mapped[int]
     role: Mapped[str] = mapped_column(String(16))
     text: Mapped[str] = mapped_column(Text, default="")
@@ -105,3 +115,18 @@ class Message(Base):
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     conversation: Mapped[Conversation] = relationship(back_populates="messages")
+
+
+class Share(Base):
+    """A read-only link to a conversation (added in 0003); kept, turned off, after revoking."""
+
+    __tablename__ = "shares"
+    __table_args__ = (Index("ix_shares_conversation_id", "conversation_id"),)
+
+    # secrets.token_urlsafe(24): 32 characters, 192 random bits. The link is the only key.
+    token: Mapped[str] = mapped_column(String(64), primary_key=True)
+    conversation_id: Mapped[str] = mapped_column(
+        ForeignKey("conversations.id", ondelete="CASCADE")
+    )
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

@@ -73,6 +73,13 @@ class ImageRecord:
 
 @dataclass(frozen=True)
 class MessageRecord:
+    """One message of a conversation tree.
+
+    ``position`` is the depth in the tree (0 for a root question). Siblings are
+    the alternatives at one step: the questions an edit made, or the replies
+    regenerating made.
+    """
+
     id: int
     conversation_id: str
     position: int
@@ -89,3 +96,37 @@ class MessageRecord:
     duration_seconds: float | None
     created_at: datetime
     updated_at: datetime
+    parent_id: int | None = None
+    """The message this one follows; ``None`` for a root question."""
+    sibling_ids: tuple[int, ...] = ()
+    """Ids of the messages with the same parent, this one included, oldest first.
+
+    Left empty, it becomes ``(id,)``: a message without alternatives.
+    """
+
+    def __post_init__(self) -> None:
+        if not self.sibling_ids:
+            object.__setattr__(self, "sibling_ids", (self.id,))
+
+
+@dataclass(frozen=True)
+class ShareRecord:
+    """A read-only link to one conversation; the owner can turn it off at any time."""
+
+    token: str
+    conversation_id: str
+    created_at: datetime
+    revoked_at: datetime | None
+
+    @property
+    def active(self) -> bool:
+        return self.revoked_at is None
+
+
+@dataclass(frozen=True)
+class SharedConversation:
+    """What a shared link shows: the conversation and its active path when viewed."""
+
+    conversation: ConversationRecord
+    messages: list[MessageRecord]
+    share: ShareRecord

@@ -87,7 +87,11 @@ class ReplyWriter:
         max_pending_tokens: int = 32,
         clock: Callable[[], float] = time.monotonic,
     ) -> ReplyWriter:
-        """Create the reply (status ``partial``, empty) and a writer for it."""
+        """Create the reply (status ``partial``, empty) and a writer for it.
+
+        The reply answers the conversation's active leaf, which must be a
+        question (see :func:`storage.start_assistant_message`).
+        """
         with storage.session() as session:
             message = start_assistant_message(session, owner_id=owner_id, conversation_id=conversation_id)
         return cls(

@@ -18,9 +18,17 @@ from PIL import Image, PngImagePlugin
 
 from storage import (
     ConversationRecord,
+    MessageRecord,
+    MessageStatus,
     Storage,
     UserRecord,
+    add_user_message,
     create_conversation,
+    list_messages,
+    regenerate_from,
+    start_assistant_message,
+    switch_branch,
+    update_assistant_message,
     user_for_browser_secret,
 )
 
@@ -35,6 +43,14 @@ def make_user(storage: Storage, name: str) -> UserRecord:
 def make_conversation(storage: Storage, owner: UserRecord, **kwargs: object) -> ConversationRecord:
     with storage.session() as session:
         return create_conversation(session, owner_id=owner.id, **kwargs)
+
+
+def ask(
+    storage: Storage, owner: UserRecord, conversation: ConversationRecord, text: str = "What is this?"
+) -> MessageRecord:
+    """Add a question, so that a reply can start."""
+    with storage.session() as session:
+        return add_user_message(session, owner_id=owner.id, conversation_id=conversation.id, text=text)
 
 
 def jpeg_bytes(size: tuple[int, int] = (64, 48), color: str = "red", **save_options: object) -> bytes:
@@ -115,3 +131,49 @@ def reply_child(data_dir: Path) -> Iterator[ReplyChild]:
             child.kill()
             child.wait(timeout=10)
         child.stdout.close(), child.stderr.close()
+
+
+@dataclass(frozen=True)
+class Chat:
+    """One person's conversation, driven one unit of work per call, as the app does."""
+
+    storage: Storage
+    owner: UserRecord
+    conversation: ConversationRecord
+
+    @classmethod
+    def start(cls, storage: Storage, owner: UserRecord, **kwargs: object) -> Chat:
+        return cls(storage, owner, make_conversation(storage, owner, **kwargs))
+
+    def ask(self, text: str, *, edit_of: int | None = None, image_sha256: str | None = None) -> MessageRecord:
+        with self.storage.session() as session:
+            return add_user_message(
+                session, owner_id=self.owner.id, conversation_id=self.conversation.id,
+                text=text, image_sha256=image_sha256, edit_of=edit_of,
+            )
+
+    def answer(self, text: str) -> MessageRecord:
+        with self.storage.session() as session:
+            reply = start_assistant_message(session, owner_id=self.owner.id, conversation_id=self.conversation.id)
+            return update_assistant_message(
+                session, owner_id=self.owner.id, message_id=reply.id, text=text, status=MessageStatus.COMPLETE
+            )
+
+    def regenerate(self, question_id: int) -> list[MessageRecord]:
+        with self.storage.session() as session:
+            return regenerate_from(
+                session, owner_id=self.owner.id, conversation_id=self.conversation.id, question_id=question_id
+            )
+
+    def switch(self, message_id: int) -> list[MessageRecord]:
+        with self.storage.session() as session:
+            return switch_branch(
+                session, owner_id=self.owner.id, conversation_id=self.conversation.id, message_id=message_id
+            )
+
+    def path(self) -> list[MessageRecord]:
+        with self.storage.session() as session:
+            return list_messages(session, owner_id=self.owner.id, conversation_id=self.conversation.id)
+
+    def texts(self) -> list[str]:
+        return [message.text for message in self.path()]

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import itertools
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 import launch
+from app import startup_report
 from app.settings import Settings
+from tests.app_process import running_app
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -115,6 +120,120 @@ def test_launch_options_close_what_a_public_link_should_not_show(tmp_path):
     options = launch.launch_options(settings, photo_exists=lambda sha256: True)
     assert options["enable_monitoring"] is False and options["run_history"] is False
     assert options["mcp_server"] is False and options["ssr_mode"] is False and options["num_workers"] == 0
-    assert "api" not in options["footer_links"]
     assert options["app_kwargs"]["openapi_url"] is None and callable(options["app_kwargs"]["lifespan"])
-    assert "api" in launch.launch_options(parse(["--show-api"]), photo_exists=lambda s: True)["footer_links"]
+
+
+def test_footer_links_the_api_only_when_it_is_on_and_never_gradio_developer_items():
+    assert launch.launch_options(parse([]), photo_exists=lambda sha256: True)["footer_links"] == []  # no footer
+    assert launch.launch_options(parse(["--show-api"]), photo_exists=lambda sha256: True)["footer_links"] == ["api"]
+
+
+# --- what the terminal shows a person at start ----------------------------------------------------
+
+
+def report_of(log: Path, *, timeout: float = 30) -> list[str]:
+    """The start-up report's lines: printed right after the server answers, so wait for them."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        lines = log.read_text().splitlines()  # the report is printed in one write
+        if "Mipha Chat" in lines:
+            start = lines.index("Mipha Chat")
+            return [lines[start], *itertools.takewhile(lambda line: line.startswith("  "), lines[start + 1:])]
+        time.sleep(0.2)
+    raise AssertionError(f"no start-up report in {log}:\n{log.read_text()[-3000:]}")
+
+
+def test_start_up_says_what_runs_where_in_plain_lines_without_library_noise(tmp_path):
+    with running_app(tmp_path / "data", name="launch-report") as app:
+        report = report_of(app.log)
+        output = app.log.read_text()
+    assert report[1:] == [
+        "  Model:      tiny (small random model to try the interface; its replies are noise)",
+        "  Device:     cpu",
+        f"  Precision:  {loader_precision(output)} (auto)",
+        f"  Data:       {(tmp_path / 'data').resolve()}",
+        f"  Open:       {app.url}",
+    ]
+    assert "setup plugin" not in output and "INFO alembic" not in output  # its warnings would still show
+    assert "share=True" not in output and "Running on local URL" not in output
+
+
+def loader_precision(output: str) -> str:
+    """The dtype the model loader logged ("loading tiny on cpu as torch.float32"), as the report writes it."""
+    match = re.search(r"loading tiny on cpu as torch\.(\w+)", output)
+    assert match, output[-3000:]
+    return {"float32": "fp32", "bfloat16": "bf16"}[match.group(1)]
+
+
+def test_public_bind_names_the_network_address_and_failed_share_link_warns(tmp_path):
+    # An address without a port makes Gradio's tunnel set-up fail at once, offline, before any download.
+    env = {"GRADIO_SHARE_SERVER_ADDRESS": "no-share-server"}
+    with running_app(tmp_path / "data", "--host", "0.0.0.0", "--share", "--dtype", "float32", env=env,
+                     name="launch-report-public") as app:
+        report = report_of(app.log)
+        output = app.log.read_text()
+    port = app.url.rsplit(":", 1)[1].strip("/")
+    assert "  Precision:  fp32" in report
+    assert f"  Open:       http://localhost:{port}/ on this machine" in report
+    assert re.fullmatch(rf"  +http://\S+:{port}/ from other devices on your network", report[6])
+    assert report[7] == "  Share link: not created (Gradio's reason is in the warning above)"
+    assert "WARNING launch: Mipha Chat is reachable through a public share link" in output  # warnings still show
+    assert re.search(r"WARNING launch: Gradio: .*Could not create share link", output, re.DOTALL)
+    assert "share=True" not in output and "setup plugin" not in output
+
+
+class FakeBlocks:
+    """Prints what Gradio prints even with quiet=True, and returns what its `launch` returns."""
+
+    def __init__(self, printed: str, share_url: str | None) -> None:
+        self.printed, self.share_url, self.options = printed, share_url, None
+
+    def launch(self, **options):
+        self.options = options
+        print(self.printed)
+        return None, "http://127.0.0.1:7860/", self.share_url
+
+
+def test_launch_quietly_keeps_the_share_link_for_the_report_and_passes_other_prints_on_as_warnings(capsys, caplog):
+    blocks = FakeBlocks("* Running on public URL: https://abc.gradio.live", "https://abc.gradio.live")
+    assert launch.launch_quietly(blocks, {"quiet": True}) == "https://abc.gradio.live"
+    assert blocks.options == {"quiet": True, "prevent_thread_lock": True}
+    assert capsys.readouterr().out == "" and not caplog.records
+
+    blocks = FakeBlocks("\nCould not create share link. Please check your internet connection.", None)
+    assert launch.launch_quietly(blocks, {}) is None
+    assert capsys.readouterr().out == ""
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("WARNING", "Gradio: Could not create share link. Please check your internet connection.")]
+
+
+def test_report_lines_for_a_share_link_a_space_and_a_database_url():
+    share = startup_report.startup_lines(
+        parse(["--share", "--database-url", "postgresql://ada:secret@db.example/mipha"]),
+        device="cuda (auto)", precision="bf16 (auto)", share_url="https://abc.gradio.live", network_address=None)
+    assert share[-1] == "  Share link: https://abc.gradio.live (public, temporary)"
+    assert "  Database:   postgresql://ada:***@db.example/mipha" in share and "secret" not in "".join(share)
+    assert share[-2] == "  Open:       http://127.0.0.1:7860/"
+    space = startup_report.startup_lines(parse([], SPACE_ID="user/mipha"), device="cpu", precision="fp32",
+                                         share_url=None, network_address="10.0.0.7")
+    assert space[-1] == "  Open:       this Space's page (the server listens on port 7860 inside it)"
+    ipv6 = startup_report.startup_lines(parse(["--host", "::"]), device="cpu", precision="fp32", share_url=None,
+                                        network_address="10.0.0.7")
+    assert ipv6[-2:] == ["  Open:       http://localhost:7860/ on this machine",
+                         "              http://10.0.0.7:7860/ from other devices on your network"]
+
+
+@pytest.mark.parametrize("argv, precision", [
+    (["--device", "cpu", "--dtype", "float32", "--load-4bit"],
+     "int4 language model (bitsandbytes NF4), fp32 vision encoder"),
+    (["--device", "cpu", "--dtype", "bfloat16", "--load-8bit"],
+     "int8 language model (torch's packed CPU kernels), bf16 vision encoder"),
+    (["--device", "cpu", "--dtype", "float16"], "fp16"),
+])
+def test_precision_names_what_the_loader_will_use(argv, precision):
+    assert startup_report.describe_hardware(parse(argv)) == ("cpu", precision)
+
+
+def test_a_device_that_cannot_be_used_is_reported_as_asked_for():
+    device, precision = startup_report.describe_hardware(parse(["--device", "cuda:99"]))
+    assert device == "cuda:99 (cannot be used here: see the error in the log)" and precision == "auto"

@@ -11,7 +11,7 @@ from html.parser import HTMLParser
 import pytest
 
 from app.render import LINK_REL, is_safe_link, render_markdown
-from app.views import chatbot_messages
+from app.chat_view import chatbot_messages
 from storage import MessageRecord, MessageStatus, Role
 
 # What the renderer may emit, tag by tag; anything else (img, script, svg, iframe, style, ...) fails.

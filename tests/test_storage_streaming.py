@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import storage as st
-from tests.storage_helpers import make_conversation, make_user, reply_child
+from tests.storage_helpers import ask, make_conversation, make_user, reply_child
 
 pytest_plugins = ("tests.storage_fixtures",)  # the data_dir and storage fixtures
 
@@ -30,6 +30,7 @@ def stored_reply(storage: st.Storage, user: st.UserRecord, message_id: int, conv
 def test_reply_is_written_at_most_every_interval_or_token_batch(storage: st.Storage) -> None:
     user = make_user(storage, "ana")
     conversation = make_conversation(storage, user)
+    ask(storage, user, conversation)
     clock = FakeClock()
     writer = st.ReplyWriter.start(
         storage, owner_id=user.id, conversation_id=conversation.id, min_interval_s=1.0, max_pending_tokens=5, clock=clock
@@ -65,6 +66,7 @@ def test_reply_is_written_at_most_every_interval_or_token_batch(storage: st.Stor
 def test_a_reply_left_by_an_exception_is_marked(storage: st.Storage, error: type[BaseException], status) -> None:
     user = make_user(storage, "ana")
     conversation = make_conversation(storage, user)
+    ask(storage, user, conversation)
     with pytest.raises(error), st.ReplyWriter.start(storage, owner_id=user.id, conversation_id=conversation.id) as writer:
         writer.append("half a thou")
         raise error()
@@ -76,6 +78,7 @@ def test_a_reply_that_grows_past_the_limit_is_stopped(data_dir: Path) -> None:
     opened = st.open_storage(st.StorageConfig(data_dir=data_dir, limits=st.StorageLimits(max_message_chars=10)))
     user = make_user(opened, "ana")
     conversation = make_conversation(opened, user)
+    ask(opened, user, conversation, "Why?")
     with pytest.raises(st.LimitExceededError), st.ReplyWriter.start(
         opened, owner_id=user.id, conversation_id=conversation.id
     ) as writer:

@@ -19,6 +19,7 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
+from starlette.routing import BaseRoute
 
 from app.settings import Settings
 from app.web.files import files_in, sweep
@@ -31,16 +32,18 @@ MAX_SWEEP_INTERVAL_S = 300.0
 
 
 def app_kwargs(settings: Settings, *, photo_exists: Callable[[str], bool],
-               inner: Sequence[Middleware] = ()) -> dict[str, Any]:
+               inner: Sequence[Middleware] = (), routes: Sequence[BaseRoute] = ()) -> dict[str, Any]:
     """`launch(app_kwargs=...)`: the guard and the sweeper start with the app; no FastAPI schema page.
 
     `inner` middleware runs right inside the guard (first listed outermost), still outside
-    Gradio's own.
+    Gradio's own. `routes` (the shared-conversation pages) are matched before Gradio's routes,
+    behind the same guard.
     """
     policy = WebPolicy.from_settings(settings)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        app.router.routes[0:0] = routes
         install_guard(app, policy=policy, photo_exists=photo_exists, inner=inner)
         sweeper = asyncio.create_task(_sweep_forever(policy.temp_dir, max_age_s=policy.temp_max_age_s,
                                                      keep=files_in(policy.temp_dir)))

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import storage as st
-from tests.storage_helpers import make_conversation, make_user, png_bytes, reply_child
+from tests.storage_helpers import ask, make_conversation, make_user, png_bytes, reply_child
 
 pytest_plugins = ("tests.storage_fixtures",)  # the data_dir and storage fixtures
 
@@ -27,6 +27,7 @@ def test_a_second_open_in_this_process_leaves_the_first_ones_live_data_alone(
 ) -> None:
     user = make_user(storage, "ana")
     conversation = make_conversation(storage, user)
+    ask(storage, user, conversation)
     writer = st.ReplyWriter.start(storage, owner_id=user.id, conversation_id=conversation.id)
     writer.append("Half a repl")
     writer.flush()

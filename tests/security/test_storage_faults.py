@@ -24,7 +24,7 @@ import pytest
 from sqlalchemy.exc import DBAPIError
 
 import storage as st
-from tests.storage_helpers import REPO_ROOT, make_conversation, make_user, png_bytes, textured_image
+from tests.storage_helpers import REPO_ROOT, ask, make_conversation, make_user, png_bytes, textured_image
 
 pytest_plugins = ("tests.storage_fixtures",)  # the data_dir and storage fixtures
 
@@ -99,6 +99,7 @@ def test_a_locked_database_is_busy_not_a_traceback(
     user = make_user(impatient, "ana")
     conversation = make_conversation(impatient, user)
     document = export_of_a_new_photo(impatient, user, seed=1)
+    ask(impatient, user, conversation)
     writer = st.ReplyWriter.start(impatient, owner_id=user.id, conversation_id=conversation.id, max_pending_tokens=1)
     write_lock.execute("BEGIN IMMEDIATE")
 
@@ -126,6 +127,7 @@ def test_a_reply_that_cannot_be_saved_stops_the_stream(
 ) -> None:
     user = make_user(impatient, "ana")
     conversation = make_conversation(impatient, user)
+    ask(impatient, user, conversation)
     with pytest.raises(st.StorageBusyError), st.ReplyWriter.start(
         impatient, owner_id=user.id, conversation_id=conversation.id, max_pending_tokens=1
     ) as writer:
@@ -136,7 +138,7 @@ def test_a_reply_that_cannot_be_saved_stops_the_stream(
     assert "could not record the end of reply" in caplog.text  # the writer's last try failed too
     write_lock.execute("COMMIT")
     with impatient.session() as session:
-        (reply,) = st.list_messages(session, owner_id=user.id, conversation_id=conversation.id)
+        (_, reply) = st.list_messages(session, owner_id=user.id, conversation_id=conversation.id)
     assert (reply.status, reply.text) == (st.MessageStatus.PARTIAL, "Saved, ")  # interrupted at next start
 
 
@@ -197,6 +199,7 @@ def test_a_full_disk_says_so_and_nothing_is_half_written(
     user = make_user(storage, "ana")
     conversation = make_conversation(storage, user)
     document = export_of_a_new_photo(storage, user, seed=2)
+    ask(storage, user, conversation)
     writer = st.ReplyWriter.start(storage, owner_id=user.id, conversation_id=conversation.id, max_pending_tokens=1)
     checkpoint = sqlite3.connect(storage.config.data_dir / "mipha.sqlite3")
     checkpoint.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # an empty WAL: the next write needs new space
@@ -262,6 +265,7 @@ def test_a_read_only_disk_says_so(on_tiny_disk: st.Storage, tiny_disk: Path, cap
     user = make_user(storage, "ana")
     conversation = make_conversation(storage, user)
     document = export_of_a_new_photo(storage, user, seed=5)
+    ask(storage, user, conversation)
     # The kernel refuses to remount while a file is open for writing; a server
     # meets the read-only disk on its next connection.
     storage.engine.dispose()

@@ -1,0 +1,144 @@
+"""Stored messages → what the chat shows and what the model reads: the one place a message is rendered.
+
+No gradio and no I/O: photos are found through the `image_file` callable, rendered text comes
+from `app.render`. The controls inside a message (edit a question, switch between versions) are
+plain buttons carrying a message id; `assets/app.js` turns a click on them into a page action.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from PIL.Image import Image
+
+from app.render import relative_time, render_markdown, reply_footer
+from storage import ConversationRecord, MessageRecord, MessageStatus, Role
+
+ImageFile = Callable[[str], Path | None]
+WAITING_TEXT = "Waiting for a free turn of the model…"
+
+
+def chatbot_messages(records: Sequence[MessageRecord], *, image_file: ImageFile, editable: bool = True) -> list[dict]:
+    """Chatbot messages (Gradio messages format): a photo, then its question, then the reply.
+
+    Text content is HTML from `render_markdown`, which the chatbot shows without parsing it again.
+    `editable` adds the edit button to questions (not on read-only views).
+    """
+    shown: list[dict] = []
+    for record in records:
+        if record.role is Role.USER:
+            path = image_file(record.image_sha256) if record.image_sha256 else None
+            if path is not None:
+                shown.append({"role": "user", "content": {"path": str(path), "alt_text": "your photo"}})
+            controls = _edit_button(record) if editable else ""
+            shown.append({"role": "user", "content": _text_or_blank(record) + _controls(record, controls)})
+        else:
+            shown.append({"role": "assistant", "content": assistant_html(record)})
+    return shown
+
+
+def growing_reply(records: Sequence[MessageRecord], *, text: str, message_id: int | None, waiting: bool,
+                  image_file: ImageFile) -> list[dict]:
+    """The chat while a reply is written: the stored messages up to the question, then the text so far."""
+    question_end = max((i for i, r in enumerate(records) if r.role is Role.USER), default=-1) + 1
+    shown = chatbot_messages(records[:question_end], image_file=image_file)
+    if waiting and not text:
+        return [*shown, {"role": "assistant", "content": f'<p class="reply-waiting">{WAITING_TEXT}</p>'}]
+    stored = next((r for r in records[question_end:] if r.id == message_id), None)
+    if stored is None:
+        return [*shown, {"role": "assistant", "content": render_markdown(text) if text else "…"}]
+    growing = replace(stored, text=text, status=MessageStatus.PARTIAL)
+    return [*shown, {"role": "assistant", "content": assistant_html(growing)}]
+
+
+def assistant_html(record: MessageRecord) -> str:
+    """The reply as shown: rendered text, then its footer (speed, length, cache reuse, how it ended)."""
+    done = record.status is not MessageStatus.PARTIAL
+    seconds = record.duration_seconds
+    tokens = record.completion_tokens
+    speed = tokens / seconds if tokens and seconds else None
+    footer = reply_footer(
+        tokens_per_second=speed if done else None,
+        completion_tokens=tokens if done else None,
+        first_token_seconds=record.first_token_seconds if done else None,
+        reused_tokens=record.reused_tokens if done else None,
+        prompt_tokens=record.prompt_tokens if done else None,
+        finish_reason=record.finish_reason,
+        status=record.status.value,
+    )
+    text = render_markdown(record.text) if record.text else ("…" if record.status is MessageStatus.PARTIAL else "")
+    return text + _controls(record, footer)
+
+
+def _text_or_blank(record: MessageRecord) -> str:
+    return render_markdown(record.text) if record.text.strip() else '<p class="photo-only">(photo)</p>'
+
+
+def _edit_button(record: MessageRecord) -> str:
+    return (f'<button type="button" class="message-action" data-action="edit" data-message="{record.id}" '
+            'aria-label="Edit this question">Edit</button>')
+
+
+def _controls(record: MessageRecord, extra: str) -> str:
+    """The line under a message: its version switcher (when it has siblings) and `extra`."""
+    switch = branch_switch(record)
+    if not switch and not extra:
+        return ""
+    return f'<div class="message-controls">{switch}{extra}</div>'
+
+
+def branch_switch(record: MessageRecord) -> str:
+    """‹ 2/3 › between the versions of a question or reply (siblings after an edit or a regenerate)."""
+    siblings = record.sibling_ids
+    if len(siblings) < 2 or record.id not in siblings:
+        return ""
+    index = siblings.index(record.id)
+    kind = "question" if record.role is Role.USER else "reply"
+
+    def button(target: int | None, label: str, symbol: str) -> str:
+        if target is None:
+            return f'<button type="button" class="message-action" disabled aria-label="{label}">{symbol}</button>'
+        return (f'<button type="button" class="message-action" data-action="switch" data-message="{target}" '
+                f'aria-label="{label}">{symbol}</button>')
+
+    previous = siblings[index - 1] if index > 0 else None
+    following = siblings[index + 1] if index + 1 < len(siblings) else None
+    return (f'<span class="branch-switch" role="group" aria-label="Versions of this {kind}">'
+            f'{button(previous, f"Previous version of this {kind}", "‹")}'
+            f'<span class="branch-position">{index + 1}/{len(siblings)}</span>'
+            f'{button(following, f"Next version of this {kind}", "›")}</span>')
+
+
+def model_messages(records: Sequence[Any], *, load_image: Callable[[str], Image]) -> list[dict[str, Any]]:
+    """The Hugging Face chat messages the engine reads.
+
+    Only the newest photo is loaded and sent: Mipha looks at one image per conversation.
+    A question that got no reply (stopped before the first token) is folded into the next
+    question, so user and assistant turns alternate as the prompt format expects.
+    """
+    newest_image = next((r.image_sha256 for r in reversed(records) if r.image_sha256), None)
+    turns: list[dict[str, Any]] = []
+    pending_user: dict[str, Any] | None = None
+    for record in records:
+        if record.role is Role.USER:
+            content: list[dict[str, Any]] = []
+            if pending_user is not None:  # the earlier question got no answer
+                content += [c for c in pending_user["content"] if c["type"] == "image"]
+            if record.image_sha256 and record.image_sha256 == newest_image:
+                content = [{"type": "image", "image": load_image(record.image_sha256)}]
+            content.append({"type": "text", "text": record.text})
+            pending_user = {"role": "user", "content": content}
+        elif record.text.strip() and pending_user is not None:
+            turns += [pending_user, {"role": "assistant", "content": [{"type": "text", "text": record.text}]}]
+            pending_user = None
+    if pending_user is not None:
+        turns.append(pending_user)
+    return turns
+
+
+def conversation_choices(conversations: Sequence[ConversationRecord]) -> list[tuple[str, str]]:
+    """(label, id) pairs for the sidebar list: title and relative time, newest first."""
+    return [(f"{c.title} · {relative_time(c.updated_at)}", c.id) for c in conversations]
