@@ -206,8 +206,9 @@ def open_services(settings: Settings):
     return Services(settings=settings, storage=storage, model=model)
 
 
-def launch_options(settings: Settings, *, photo_exists: Callable[[str], bool]) -> dict:
-    """Keyword arguments for `gr.Blocks.launch`; `photo_exists` tells the guard which photos are still stored."""
+def launch_options(settings: Settings, *, photo_exists: Callable[[str], bool], routes: Sequence = ()) -> dict:
+    """Keyword arguments for `gr.Blocks.launch`; `photo_exists` tells the guard which photos are still stored,
+    `routes` are pages served beside Gradio's (the read-only share pages)."""
     from app.ui.assets import page_head
     from app.web import app_kwargs
 
@@ -228,7 +229,8 @@ def launch_options(settings: Settings, *, photo_exists: Callable[[str], bool]) -
         "mcp_server": False,
         "ssr_mode": False,  # a Node server in front would answer without the guard
         "num_workers": 0,  # static-file workers, on ports of their own, would bypass the guard too
-        "app_kwargs": app_kwargs(settings, photo_exists=photo_exists, inner=visitor_middleware(settings)),
+        "app_kwargs": app_kwargs(settings, photo_exists=photo_exists, inner=visitor_middleware(settings),
+                                 routes=routes),
     }
 
 
@@ -257,11 +259,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     prepare_temp_dir(settings.temp_dir)  # before gradio is imported: it reads GRADIO_TEMP_DIR then
     import gradio as gr
 
+    from app.share_page import share_routes
     from app.ui import ASSETS, build_app
 
     gr.set_static_paths([str(ASSETS)])  # example photos are served from assets/, never copied to the temp dir
     blocks = build_app(services)
-    share_url = launch_quietly(blocks, launch_options(settings, photo_exists=stored_photo_lookup(services.storage)))
+    options = launch_options(settings, photo_exists=stored_photo_lookup(services.storage),
+                             routes=share_routes(services.storage))
+    share_url = launch_quietly(blocks, options)
     print_startup_report(settings, share_url=share_url)
     blocks.block_thread()
 

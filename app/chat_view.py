@@ -2,7 +2,8 @@
 
 No gradio and no I/O: photos are found through the `image_file` callable, rendered text comes
 from `app.render`. The controls inside a message (edit a question, switch between versions) are
-plain buttons carrying a message id; `assets/app.js` turns a click on them into a page action.
+plain buttons; the chatbot's sanitizer keeps only their `class`, so the action and the message id
+travel as class names (`action-edit message-12`), which `assets/app.js` turns into a page action.
 """
 
 from __future__ import annotations
@@ -78,8 +79,11 @@ def _text_or_blank(record: MessageRecord) -> str:
 
 
 def _edit_button(record: MessageRecord) -> str:
-    return (f'<button type="button" class="message-action" data-action="edit" data-message="{record.id}" '
-            'aria-label="Edit this question">Edit</button>')
+    return _action_button("edit", record.id, 'Edit<span class="sr-only"> this question</span>')
+
+
+def _action_button(action: str, message_id: int, label: str) -> str:
+    return f'<button type="button" class="message-action action-{action} message-{message_id}">{label}</button>'
 
 
 def _controls(record: MessageRecord, extra: str) -> str:
@@ -100,16 +104,16 @@ def branch_switch(record: MessageRecord) -> str:
 
     def button(target: int | None, label: str, symbol: str) -> str:
         if target is None:
-            return f'<button type="button" class="message-action" disabled aria-label="{label}">{symbol}</button>'
-        return (f'<button type="button" class="message-action" data-action="switch" data-message="{target}" '
-                f'aria-label="{label}">{symbol}</button>')
+            return f'<span class="message-action-placeholder">{symbol}</span>'
+        return _action_button("switch", target, f'{symbol}<span class="sr-only"> {label}</span>')
 
     previous = siblings[index - 1] if index > 0 else None
     following = siblings[index + 1] if index + 1 < len(siblings) else None
-    return (f'<span class="branch-switch" role="group" aria-label="Versions of this {kind}">'
-            f'{button(previous, f"Previous version of this {kind}", "‹")}'
-            f'<span class="branch-position">{index + 1}/{len(siblings)}</span>'
-            f'{button(following, f"Next version of this {kind}", "›")}</span>')
+    return (f'<span class="branch-switch">'
+            f'{button(previous, f"previous version of this {kind}", "‹")}'
+            f'<span class="branch-position">{index + 1}/{len(siblings)}'
+            f'<span class="sr-only"> versions of this {kind}</span></span>'
+            f'{button(following, f"next version of this {kind}", "›")}</span>')
 
 
 def model_messages(records: Sequence[Any], *, load_image: Callable[[str], Image]) -> list[dict[str, Any]]:

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 OWNER_CACHE_SIZE = 10_000
 MAX_ACTION_CHARS = 200
+MAX_ADDRESS_CHARS = 64
 EDITING_LABEL = "Editing a question: Send makes a new version of it; the earlier one stays reachable with ‹ ›."
 _PHOTO_STAND_IN = Image.new("RGB", (1, 1))
 
@@ -71,8 +72,11 @@ class Handlers:
     # --- opening and listing ---------------------------------------------------------------
 
     def load(self, owner_id: int | None, address: str | None) -> PageView:
-        """The page as the address asks: that conversation, or a new chat (with a notice if not found)."""
-        address = (address or "").strip()
+        """The page as the address asks: that conversation, or a new chat (with a notice if not found).
+
+        `address` is the `c` of `?c=<id>`; after back/forward the script adds `#<count>`, dropped here.
+        """
+        address = (address or "").partition("#")[0].strip()[:MAX_ADDRESS_CHARS]
         if owner_id is None or not address:
             return self.new_chat(owner_id)
         try:
@@ -239,15 +243,12 @@ class Handlers:
             self.replies.cancel((owner_id, conversation_id))
         return PageView()
 
-    # --- actions from inside the chat (edit, versions, back/forward) -----------------------
+    # --- actions from inside the chat (edit, versions) ------------------------------------
 
     def page_action(self, owner_id: int | None, conversation_id: str | None, payload: str) -> PageView:
-        """A click inside a message or a history move, sent by `assets/app.js` as a small JSON object."""
+        """A click inside a message, sent by `assets/app.js` as a small JSON object."""
         action = _parse_action(payload)
         kind = action.get("action")
-        if kind == "open":
-            return self.load(owner_id, action.get("conversation") if isinstance(action.get("conversation"), str)
-                             else None)
         message_id = action.get("message")
         if not isinstance(message_id, int) or not conversation_id or owner_id is None:
             return PageView()

@@ -1,8 +1,10 @@
 // Mipha Chat's page behaviour that lives in the browser: the address bar, back/forward,
 // clicks inside messages, the length counter, focus, the phone drawer, clean copies and the
 // light/dark toggle. It talks to the server only through two hidden fields the page defines:
-// #conversation-address (the server writes the open conversation's id) and #page-action
-// (this script writes a small JSON action; the server checks it like any other input).
+// #conversation-address (the server writes "c:" and the open conversation's id), #page-action (this
+// script writes a small JSON action for a click inside a message) and #page-navigation (the
+// conversation id after back/forward). Their change events reach the server, which checks the
+// values like any other input.
 (() => {
   "use strict";
 
@@ -11,7 +13,7 @@
   let actionCount = 0;
   let followingHistory = false;
 
-  const field = (id) => document.querySelector(`#${id} textarea, #${id} input`);
+  const field = (id) => document.querySelector(`#${id} textarea`) || document.querySelector(`#${id} input`);
   const isNarrow = () => window.matchMedia(NARROW).matches;
 
   // --- hidden fields ----------------------------------------------------------------------
@@ -35,8 +37,8 @@
 
   function syncAddress() {
     const input = field("conversation-address");
-    if (!input) return;
-    const id = input.value.trim();
+    if (!input || !input.value.startsWith("c:")) return; // the server has not loaded the page yet
+    const id = input.value.slice(2).trim();
     const current = new URL(window.location.href).searchParams.get("c") || "";
     if (id === current) {
       followingHistory = false;
@@ -47,20 +49,35 @@
   }
 
   window.addEventListener("popstate", () => {
+    const input = field("page-navigation");
+    if (!input) return;
     followingHistory = true;
-    sendAction({ action: "open", conversation: new URL(window.location.href).searchParams.get("c") || "" });
+    actionCount += 1;
+    // the count makes going back to the same conversation twice still a change
+    input.value = `${new URL(window.location.href).searchParams.get("c") || ""}#${actionCount}`;
+    input.dispatchEvent(new Event("input", { bubbles: true }));
   });
 
   // --- clicks inside messages: edit a question, switch between versions -----------------
 
+  function messageAction(button) {
+    let action = null;
+    let message = null;
+    for (const name of button.classList) {
+      if (name.startsWith("action-")) action = name.slice("action-".length);
+      if (name.startsWith("message-") && /^message-\d+$/.test(name)) message = Number.parseInt(name.slice(8), 10);
+    }
+    return action && Number.isSafeInteger(message) ? { action, message } : null;
+  }
+
   document.addEventListener("click", (event) => {
-    const button = event.target.closest("#chatbot button.message-action[data-action]");
-    if (button && !button.disabled) {
+    const button = event.target.closest("#chatbot button.message-action");
+    if (button) {
       event.preventDefault();
       event.stopPropagation();
-      const message = Number.parseInt(button.dataset.message, 10);
-      if (Number.isSafeInteger(message)) sendAction({ action: button.dataset.action, message });
-      if (button.dataset.action === "edit") focusComposer();
+      const action = messageAction(button);
+      if (action) sendAction(action);
+      if (action && action.action === "edit") focusComposer();
       return;
     }
     const copyLink = event.target.closest("button.copy-share-link");
@@ -92,7 +109,8 @@
     const input = field("chat-input");
     const send = document.getElementById("send-button");
     if (!counter || !input) return;
-    const limit = Number.parseInt(counter.dataset.max, 10) || 0;
+    const limitClass = [...counter.classList].find((name) => /^max-\d+$/.test(name));
+    const limit = limitClass ? Number.parseInt(limitClass.slice(4), 10) : 0;
     const length = codePoints(input.value);
     const over = limit > 0 && length > limit;
     counter.classList.toggle("over", over);
@@ -189,10 +207,19 @@
 
   // --- start ------------------------------------------------------------------------------
 
+  function announceChanges() {
+    // the page's sanitizer drops aria-live from rendered text: set it on the containers instead
+    for (const id of ["composer-notice", "char-counter-box", "context-meter"]) {
+      const box = document.getElementById(id);
+      if (box && !box.hasAttribute("aria-live")) box.setAttribute("aria-live", "polite");
+    }
+  }
+
   let themed = false;
   let drawerChecked = false;
   setInterval(() => {
     syncAddress();
+    announceChanges();
     const toggle = document.getElementById("theme-toggle");
     if (toggle && !themed) {
       themed = true;

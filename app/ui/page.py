@@ -42,7 +42,7 @@ class Page:
         s, c, k, h = self.sidebar, self.chat, self.composer, self.state
         if view.conversation_id is not KEEP:
             updates[h.conversation] = view.conversation_id
-            updates[h.address] = view.conversation_id or ""
+            updates[h.address] = f"c:{view.conversation_id or ''}"  # "" until the server has answered once
         if view.messages is not KEEP:
             updates[c.chatbot] = view.messages
         if view.context is not KEEP:

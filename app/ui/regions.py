@@ -68,14 +68,16 @@ class ComposerRegion:
 
 @dataclass(frozen=True)
 class HiddenState:
-    """What the page remembers between events, and the two fields `assets/app.js` talks through."""
+    """What the page remembers between events, and the fields `assets/app.js` talks through."""
 
     conversation: gr.State
     editing: gr.State
     address: gr.Textbox
-    """The open conversation's id; the script mirrors it into the address bar (`?c=`)."""
+    """"c:" and the open conversation's id; the script mirrors it into the address bar (`?c=`)."""
     action: gr.Textbox
-    """Clicks inside messages and back/forward, written here by the script as JSON."""
+    """Clicks inside messages (edit, versions), written here by the script as JSON."""
+    navigation: gr.Textbox
+    """Back/forward: the conversation id from the address, written here by the script."""
 
 
 def sidebar(settings: Settings) -> SidebarRegion:
@@ -145,8 +147,8 @@ def composer(settings: Settings) -> ComposerRegion:
             submit_btn=False, autofocus=True, lines=1, max_lines=8,
             # longer pastes would turn into a text attachment; the length limit is shown by the counter instead
             max_plain_text_length=settings.max_message_chars * 50)
-        gr.Markdown(f'<p id="char-counter" class="char-counter" data-max="{settings.max_message_chars}" '
-                'aria-live="polite"></p>', elem_id="char-counter-box")
+        gr.Markdown(f'<p id="char-counter" class="char-counter max-{settings.max_message_chars}"></p>',
+                    elem_id="char-counter-box")
         with gr.Row(elem_id="composer-buttons"):
             send = gr.Button("Send", variant="primary", elem_id="send-button", scale=2, interactive=False)
             stop = gr.Button("Stop", variant="stop", elem_id="stop-button", interactive=False)
@@ -158,4 +160,5 @@ def hidden_state() -> HiddenState:
     return HiddenState(
         conversation=gr.State(None), editing=gr.State(None),
         address=gr.Textbox("", visible="hidden", elem_id="conversation-address", label="Conversation address"),
-        action=gr.Textbox("", visible="hidden", elem_id="page-action", label="Page action"))
+        action=gr.Textbox("", visible="hidden", elem_id="page-action", label="Page action"),
+        navigation=gr.Textbox("", visible="hidden", elem_id="page-navigation", label="Page navigation"))

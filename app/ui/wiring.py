@@ -75,7 +75,7 @@ def _connect(demo: gr.Blocks, page: Page, h: Handlers, timer: gr.Timer) -> None:
         return request.query_params.get("c", "") if request is not None else ""
 
     # page load: the address's conversation (or a new chat), the model banner, and the composer
-    loaded = demo.load(address_of, None, [st.address], api_name=False, queue=False).then(
+    loaded = demo.load(address_of, None, [st.address], api_name=False).then(
         on(load), [st.address], outputs, api_name=False)
     then_attach(loaded)
     demo.load(page.status, None, [c.status, k.send], api_name=False, queue=False)
@@ -85,7 +85,8 @@ def _connect(demo: gr.Blocks, page: Page, h: Handlers, timer: gr.Timer) -> None:
     # sidebar: open, new, search, rename, delete, share, export, import
     opened = s.conversations.input(on(h.open), [s.conversations], outputs, api_name=False)
     then_attach(opened)
-    s.new_chat.click(on(lambda owner_id: h.new_chat(owner_id)), None, outputs, api_name=False)
+    for new_chat in (s.new_chat.click, c.chatbot.clear):  # the chatbot's trash icon starts a new chat too
+        new_chat(on(lambda owner_id: h.new_chat(owner_id)), None, outputs, api_name=False)
     s.search.change(on(h.search), [s.search, st.conversation], outputs, api_name=False, show_progress="hidden",
                     trigger_mode="always_last")
     s.rename.click(on(h.rename), [st.conversation, s.title, s.search], outputs, api_name=False)
@@ -117,11 +118,12 @@ def _connect(demo: gr.Blocks, page: Page, h: Handlers, timer: gr.Timer) -> None:
     c.chatbot.example_select(_example, None, [k.input], api_name=False, queue=False)
 
     # clicks inside messages (edit, versions) and back/forward, sent by assets/app.js
-    acted = st.action.input(on(h.page_action), [st.conversation, st.action], outputs, api_name=False)
-    then_attach(acted)
+    st.action.change(on(h.page_action), [st.conversation, st.action], outputs, api_name=False)
+    then_attach(st.navigation.change(on(h.load), [st.navigation], outputs, api_name=False))
 
     # leaving a conversation stops following its reply (the reply itself goes on, on the server)
-    for leave in (s.conversations.input, s.new_chat.click, st.action.input, s.confirm_delete.click,
+    for leave in (s.conversations.input, s.new_chat.click, c.chatbot.clear, st.navigation.change,
+                  s.confirm_delete.click,
                   s.import_files.upload):
         leave(None, None, None, cancels=followers, api_name=False, queue=False)
 
