@@ -1,6 +1,6 @@
 # Two entry points, each doing all set-up on a fresh machine:
 #   make run    create .venv, install the app, start it (ARGS="--model tiny" etc.)
-#   make test   create .venv, install the app and test tools (Chromium too), run the tests
+#   make test   create .venv, install the app and test tools (Chromium, axe-core) and run the tests
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -15,9 +15,10 @@ $(VENV)/.app-installed: requirements.txt | $(PY)
 	$(PY) -m pip install -r requirements.txt
 	touch $@
 
-$(VENV)/.test-installed: requirements.txt requirements-test.txt | $(PY)
+$(VENV)/.test-installed: requirements.txt requirements-test.txt scripts/install-axe.sh | $(PY)
 	$(PY) -m pip install -r requirements-test.txt
 	bash scripts/install-chromium.sh
+	bash scripts/install-axe.sh $(VENV)/axe-core
 	touch $@ $(VENV)/.app-installed
 
 run: $(VENV)/.app-installed

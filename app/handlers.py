@@ -22,6 +22,7 @@ from app.access import identity_for, owner_id_for
 from app.chat_view import chatbot_messages, conversation_choices, growing_reply, model_messages
 from app.context_meter import ContextUse, meter_html
 from app.events import UNEXPECTED_FAILURE, Refused
+from app.gpu import on_gpu
 from app.model_slot import ModelNotReadyError, ModelState
 from app.page_view import NO_NOTICE, ConversationList, Editing, Notice, PageView, ShareState
 from app.replies import ReplyAlreadyRunningError
@@ -326,7 +327,8 @@ class Handlers:
     # --- helpers ---------------------------------------------------------------------------
 
     def _start_reply(self, engine: Engine, owner_id: int, conversation_id: str, params: GenerationParams) -> None:
-        work = reply_work(self.storage, engine, owner_id=owner_id, conversation_id=conversation_id, params=params)
+        work = on_gpu(reply_work(self.storage, engine, owner_id=owner_id, conversation_id=conversation_id,
+                                 params=params), zero_gpu=self.settings.zero_gpu)
         try:
             self.replies.start((owner_id, conversation_id), work, notice_for=_job_failure)
         except ReplyAlreadyRunningError as e:

@@ -85,7 +85,7 @@ def _import_zip(storage: db.Storage, *, owner_id: int, path: Path, report: Impor
             for entry in entries:
                 name = Path(entry.filename).name
                 if entry.file_size > limit:
-                    report.refused.append(f"{name}: it is larger than the {limit / 1e6:.0f} MB import limit.")
+                    report.refused.append(f"{name}: it is larger than the {_megabytes(limit)} import limit.")
                     continue
                 _import_one(storage, owner_id=owner_id, name=name,
                             read=lambda e=entry: _read_entry(archive, e, limit), report=report)
@@ -98,7 +98,7 @@ def _read_entry(archive: zipfile.ZipFile, entry: zipfile.ZipInfo, limit: int) ->
     with archive.open(entry) as stream:
         data = stream.read(limit + 1)
     if len(data) > limit:
-        raise db.LimitExceededError(f"It is larger than the {limit / 1e6:.0f} MB import limit.",
+        raise db.LimitExceededError(f"It is larger than the {_megabytes(limit)} import limit.",
                                     limit_name="max_import_bytes", limit=limit, actual=len(data))
     return data
 
@@ -112,6 +112,10 @@ def _import_one(storage: db.Storage, *, owner_id: int, name: str, read, report: 
         report.refused.append(f"{name}: {e}")
     except (OSError, zipfile.BadZipFile, EOFError):
         report.refused.append(f"{name}: the file could not be read.")
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / 1e6:.1f} MB" if size < 10e6 else f"{size / 1e6:.0f} MB"
 
 
 def _fresh_dir(into: Path) -> Path:
