@@ -70,6 +70,10 @@ def reply_work(storage: db.Storage, engine: Engine, *, owner_id: int, conversati
             writer.finish(status=db.MessageStatus.CANCELLED if cancelled else db.MessageStatus.COMPLETE,
                           finish_reason=stats.finish_reason, prompt_tokens=stats.prompt_tokens,
                           completion_tokens=stats.completion_tokens, reused_tokens=stats.reused_tokens)
+        if not cancelled and len(records) == 1:  # a photo sent alone: its first reply names the conversation
+            with storage.session() as s:
+                db.title_photo_conversation(s, owner_id=owner_id, conversation_id=conversation_id,
+                                            reply_text=writer.text)
         return ReplyOutcome()
 
     return work

@@ -75,6 +75,7 @@ from storage.messages import (
     delete_messages_from,
     list_messages,
     start_assistant_message,
+    title_photo_conversation,
     update_assistant_message,
 )
 from storage.records import (
@@ -150,6 +151,7 @@ __all__ = [
     "shared_image_path",
     "start_assistant_message",
     "switch_branch",
+    "title_photo_conversation",
     "title_from_text",
     "update_assistant_message",
     "update_conversation_settings",

@@ -57,6 +57,20 @@ def add_user_message(
     return _record(session, row)
 
 
+def title_photo_conversation(session: Session, *, owner_id: int, conversation_id: str, reply_text: str) -> bool:
+    """A conversation started with a photo alone is titled "Photo" at first; its first reply names it.
+
+    Returns True when the title changed. A title the person chose, or one from a question, stays.
+    """
+    conversation = owned_conversation(session, owner_id=owner_id, conversation_id=conversation_id)
+    if conversation.title != PHOTO_TITLE or not reply_text.strip():
+        return False
+    first_sentence = reply_text.strip().split("\n", 1)[0].split(". ", 1)[0]
+    conversation.title = title_from_text(first_sentence, max_chars=limits_of(session).max_title_chars)
+    session.flush()
+    return True
+
+
 def start_assistant_message(session: Session, *, owner_id: int, conversation_id: str) -> MessageRecord:
     """Add an empty reply (status ``partial``) to the active leaf, which must be a question.
 

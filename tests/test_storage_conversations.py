@@ -206,3 +206,31 @@ def test_a_message_needs_text_or_a_photo(storage) -> None:
         st.add_user_message(session, owner_id=user.id, conversation_id=conversation.id, text="  ")
     with storage.session() as session, pytest.raises(st.ImageNotFoundError):
         st.add_user_message(session, owner_id=user.id, conversation_id=conversation.id, text="", image_sha256="a" * 64)
+
+
+
+def test_a_conversation_started_with_a_photo_alone_is_named_by_its_first_reply(storage):
+    user = make_user(storage, "alice")
+    sha256 = _photo(storage)
+    with storage.session() as s:
+        photo = st.create_conversation(s, owner_id=user.id)
+        st.add_user_message(s, owner_id=user.id, conversation_id=photo.id, text="", image_sha256=sha256)
+        named = st.create_conversation(s, owner_id=user.id)
+        st.add_user_message(s, owner_id=user.id, conversation_id=named.id, text="Which bird?")
+    with storage.session() as s:
+        assert st.get_conversation(s, owner_id=user.id, conversation_id=photo.id).title == "Photo"
+        assert st.title_photo_conversation(s, owner_id=user.id, conversation_id=photo.id,
+                                           reply_text="A cat sleeps on a sofa. It looks calm.")
+        assert not st.title_photo_conversation(s, owner_id=user.id, conversation_id=named.id, reply_text="A robin.")
+        assert st.get_conversation(s, owner_id=user.id, conversation_id=photo.id).title == "A cat sleeps on a sofa"
+        assert st.get_conversation(s, owner_id=user.id, conversation_id=named.id).title == "Which bird?"
+
+
+def _photo(storage: st.Storage) -> str:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), "red").save(buffer, format="PNG")
+    return st.save_image(storage, buffer.getvalue()).sha256
