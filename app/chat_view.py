@@ -20,21 +20,26 @@ from storage import ConversationRecord, MessageRecord, MessageStatus, Role
 
 ImageFile = Callable[[str], Path | None]
 WAITING_TEXT = "Waiting for a free turn of the model…"
+UNSEEN_NOTE = '<span class="unseen-note">the model no longer sees this turn</span>'
 
 
-def chatbot_messages(records: Sequence[MessageRecord], *, image_file: ImageFile, editable: bool = True) -> list[dict]:
+def chatbot_messages(records: Sequence[MessageRecord], *, image_file: ImageFile, editable: bool = True,
+                     unseen_turns: int = 0) -> list[dict]:
     """Chatbot messages (Gradio messages format): a photo, then its question, then the reply.
 
     Text content is HTML from `render_markdown`, which the chatbot shows without parsing it again.
-    `editable` adds the edit button to questions (not on read-only views).
+    `editable` adds the edit button to questions (not on read-only views); the first
+    `unseen_turns` questions say that the model no longer sees them (see `app.context_meter`).
     """
     shown: list[dict] = []
+    questions = 0
     for record in records:
         if record.role is Role.USER:
+            questions += 1
             path = image_file(record.image_sha256) if record.image_sha256 else None
             if path is not None:
                 shown.append({"role": "user", "content": {"path": str(path), "alt_text": "your photo"}})
-            controls = _edit_button(record) if editable else ""
+            controls = (_edit_button(record) if editable else "") + (UNSEEN_NOTE if questions <= unseen_turns else "")
             shown.append({"role": "user", "content": _text_or_blank(record) + _controls(record, controls)})
         else:
             shown.append({"role": "assistant", "content": assistant_html(record)})

@@ -97,11 +97,13 @@ class Handlers:
             records = db.list_messages(s, owner_id=owner_id, conversation_id=conversation_id)
             share = db.share_of(s, owner_id=owner_id, conversation_id=conversation_id)
         params = GenerationParams.clamped(**_stored_params(conversation.settings), limit=self.settings.max_new_tokens)
+        use = self._context_use(records, params)
         return PageView(
-            conversation_id=conversation.id, messages=self._show(records), title=conversation.title, params=params,
+            conversation_id=conversation.id, messages=self._show(records, use), title=conversation.title,
+            params=params,
             conversations=self._conversations(owner_id, selected=conversation.id), notice=NO_NOTICE,
             editing=None, busy=self.replies.running((owner_id, conversation.id)),
-            context=meter_html(self._context_use(records, params)), share=_share_state(share),
+            context=meter_html(use), share=_share_state(share),
             download=None)
 
     def new_chat(self, owner_id: int | None) -> PageView:
@@ -257,8 +259,8 @@ class Handlers:
             with self.storage.session() as s:
                 records = db.switch_branch(s, owner_id=owner_id, conversation_id=conversation_id,
                                            message_id=message_id)
-            return PageView(messages=self._show(records), notice=NO_NOTICE,
-                            context=meter_html(self._context_use(records, self._default_params())))
+            use = self._context_use(records, self._default_params())
+            return PageView(messages=self._show(records, use), notice=NO_NOTICE, context=meter_html(use))
         if kind == "edit":
             question = next((r for r in self._records(owner_id, conversation_id)
                              if r.id == message_id and r.role is db.Role.USER), None)
@@ -399,8 +401,9 @@ class Handlers:
     def _default_params(self) -> GenerationParams:
         return GenerationParams(max_new_tokens=min(DEFAULT_MAX_NEW_TOKENS, self.settings.max_new_tokens))
 
-    def _show(self, records: list[db.MessageRecord]) -> list[dict]:
-        return chatbot_messages(records, image_file=self._image_file)
+    def _show(self, records: list[db.MessageRecord], use: ContextUse | None = None) -> list[dict]:
+        return chatbot_messages(records, image_file=self._image_file,
+                                unseen_turns=use.dropped_turns if use is not None else 0)
 
     def _image_file(self, sha256: str) -> Path | None:
         try:

@@ -101,3 +101,18 @@ def test_the_context_meter_shows_the_window_used(h, owner):
     view = ask(h, owner, "How much room is left?")
     assert "of 2,048 positions" in view.context and "<meter" in view.context
     assert h.new_chat(owner).context == ""
+
+
+def test_turns_the_model_no_longer_sees_are_marked_and_counted(h, owner):
+    long_text = "word " * 300  # about 600 tokens a turn: three turns and a reply overflow 2,048 positions
+    with h.storage.session() as s:
+        conversation = db.create_conversation(s, owner_id=owner).id
+        for turn in range(3):
+            db.add_user_message(s, owner_id=owner, conversation_id=conversation, text=f"Turn {turn}: {long_text}")
+            reply = db.start_assistant_message(s, owner_id=owner, conversation_id=conversation)
+            db.update_assistant_message(s, owner_id=owner, message_id=reply.id, text="ok",
+                                        status=db.MessageStatus.COMPLETE)
+    view = h.open(owner, conversation)
+    questions = [m["content"] for m in view.messages if m["role"] == "user"]
+    assert "no longer sees" in questions[0] and "no longer sees" not in questions[-1]
+    assert "oldest turn" in view.context
