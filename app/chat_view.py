@@ -46,18 +46,20 @@ def chatbot_messages(records: Sequence[MessageRecord], *, image_file: ImageFile,
     return shown
 
 
-def growing_reply(records: Sequence[MessageRecord], *, text: str, message_id: int | None, waiting: bool,
-                  image_file: ImageFile) -> list[dict]:
-    """The chat while a reply is written: the stored messages up to the question, then the text so far."""
-    question_end = max((i for i, r in enumerate(records) if r.role is Role.USER), default=-1) + 1
-    shown = chatbot_messages(records[:question_end], image_file=image_file)
+def growing_reply(shown: list[dict], stored: MessageRecord | None, *, text: str, waiting: bool) -> list[dict]:
+    """The chat while a reply is written: `shown` (the conversation up to its question, rendered
+    once per reply) and the text so far, re-rendered as it grows."""
     if waiting and not text:
         return [*shown, {"role": "assistant", "content": f'<p class="reply-waiting">{WAITING_TEXT}</p>'}]
-    stored = next((r for r in records[question_end:] if r.id == message_id), None)
     if stored is None:
         return [*shown, {"role": "assistant", "content": render_markdown(text) if text else "…"}]
-    growing = replace(stored, text=text, status=MessageStatus.PARTIAL)
-    return [*shown, {"role": "assistant", "content": assistant_html(growing)}]
+    return [*shown, {"role": "assistant", "content": assistant_html(replace(stored, text=text,
+                                                                            status=MessageStatus.PARTIAL))}]
+
+
+def question_end(records: Sequence[MessageRecord]) -> int:
+    """How many of `records` lead up to and include the last question (what a growing reply follows)."""
+    return max((i for i, r in enumerate(records) if r.role is Role.USER), default=-1) + 1
 
 
 def assistant_html(record: MessageRecord) -> str:

@@ -19,7 +19,7 @@ from PIL import Image
 
 import storage as db
 from app.access import identity_for, owner_id_for
-from app.chat_view import chatbot_messages, conversation_choices, growing_reply, model_messages
+from app.chat_view import chatbot_messages, conversation_choices, growing_reply, model_messages, question_end
 from app.context_meter import ContextUse, meter_html
 from app.events import UNEXPECTED_FAILURE, Refused
 from app.gpu import on_gpu
@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 
 OWNER_CACHE_SIZE = 10_000
 MAX_ACTION_CHARS = 200
+STREAM_INTERVAL_S = 0.1
+"""At most ten page updates a second while a reply streams: each re-renders the reply so far."""
 MAX_ADDRESS_CHARS = 64
 EDITING_LABEL = "Editing a question: Send makes a new version of it; the earlier one stays reachable with ‹ ›."
 _PHOTO_STAND_IN = Image.new("RGB", (1, 1))
@@ -226,13 +228,14 @@ class Handlers:
         if job is None:
             return
         records = self._records(owner_id, conversation_id)
-        for snapshot in job.listen():
+        shown = self._show(records[:question_end(records)])  # rendered once; only the reply grows
+        for snapshot in job.listen(min_interval_s=STREAM_INTERVAL_S):
             if snapshot.done:
                 break
             if snapshot.message_id is not None and all(r.id != snapshot.message_id for r in records):
                 records = self._records(owner_id, conversation_id)
-            yield PageView(messages=growing_reply(records, text=snapshot.text, message_id=snapshot.message_id,
-                                                  waiting=snapshot.waiting, image_file=self._image_file),
+            stored = next((r for r in records if r.id == snapshot.message_id), None)
+            yield PageView(messages=growing_reply(shown, stored, text=snapshot.text, waiting=snapshot.waiting),
                            busy=True)
         final = job.snapshot()
         view = self.open(owner_id, conversation_id)
