@@ -262,7 +262,9 @@ class Handlers:
             with self.storage.session() as s:
                 records = db.switch_branch(s, owner_id=owner_id, conversation_id=conversation_id,
                                            message_id=message_id)
-            use = self._context_use(records, self._default_params())
+                stored = db.get_conversation(s, owner_id=owner_id, conversation_id=conversation_id).settings
+            params = GenerationParams.clamped(**_stored_params(stored), limit=self.settings.max_new_tokens)
+            use = self._context_use(records, params)
             return PageView(messages=self._show(records, use), notice=NO_NOTICE, context=meter_html(use))
         if kind == "edit":
             question = next((r for r in self._records(owner_id, conversation_id)

@@ -6,8 +6,8 @@ that the session is the caller's own. So whoever learns another visitor's sessio
 listen to their replies (`/queue/data`), cancel them (`/cancel`), close their session
 (`/heartbeat`) or run events in it (`/queue/join`, and `/run/predict` for the page's
 unqueued events). This ASGI middleware binds every session
-hash to the visitor cookie (see `app.visitor`) of the first request that uses it and refuses
-the hash from any other browser. It must run inside `VisitorCookieMiddleware`.
+hash to the identity cookies (the visitor cookie of `app.visitor`, and the login's) of the first
+request that uses it and refuses the hash from any other browser or person. It must run inside `VisitorCookieMiddleware`.
 """
 
 from __future__ import annotations
@@ -32,6 +32,9 @@ MAX_BODY_BYTES = 1 * 1024 * 1024
 _BODY_ROUTES = re.compile(r"/gradio_api/(queue/join|cancel|run/predict)/?$")
 _QUERY_ROUTES = re.compile(r"/gradio_api/queue/data/?$")
 _PATH_ROUTES = re.compile(r"/gradio_api/heartbeat/(?P<session>[^/]+)/?$")
+
+LOGIN_COOKIE_PREFIXES = ("access-token", "session")
+"""Gradio's login cookies (`access-token-<id>`, `access-token-unsecure-<id>`) and the OAuth session's."""
 
 REFUSED_SESSION = "This page's session belongs to another browser. Reload the page to start your own."
 REFUSED_BODY = "The request is too large."
@@ -92,9 +95,16 @@ class SessionBindingMiddleware:
 
 
 def _visitor_key(scope: Scope) -> str:
-    """A digest of the request's visitor cookie (always there: `VisitorCookieMiddleware` runs first)."""
-    secret = request_cookies(scope).get(COOKIE_NAME, "")
-    return hashlib.sha256(secret.encode()).hexdigest()
+    """A digest of every cookie that says who is asking: the visitor cookie (always there:
+    `VisitorCookieMiddleware` runs first), Gradio's login token and the OAuth session.
+
+    With a login, the visitor cookie alone is not enough: another signed-in person who copied
+    it (with the session hash) would otherwise be taken for the browser that opened the session.
+    """
+    cookies = request_cookies(scope)
+    identity = sorted((name, value) for name, value in cookies.items()
+                      if name == COOKIE_NAME or name.startswith(LOGIN_COOKIE_PREFIXES))
+    return hashlib.sha256(json.dumps(identity).encode()).hexdigest()
 
 
 def _json_field(body: bytes, name: str) -> Any:

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,22 @@ WINDOW_SIZES = [pytest.param(DESKTOP, id="desktop"), pytest.param(PHONE, id="pho
 
 
 @contextmanager
+def started_together(*managers: AbstractContextManager) -> Iterator[list]:
+    """Enter several context managers (app servers) at once on threads; exit them all at the end."""
+    with ThreadPoolExecutor(max_workers=len(managers)) as pool:
+        futures = [pool.submit(manager.__enter__) for manager in managers]
+    entered = [m for m, f in zip(managers, futures, strict=True) if f.exception() is None]
+    try:
+        for future in futures:
+            if future.exception() is not None:
+                raise future.exception()
+        yield [future.result() for future in futures]
+    finally:
+        for manager in reversed(entered):
+            manager.__exit__(None, None, None)
+
+
+@contextmanager
 def visitor(browser: Browser, size: WindowSize = DESKTOP, **options: Any) -> Iterator[BrowserContext]:
     """A new browser context: a visitor of its own (the identity cookie lives in the context)."""
     context = browser.new_context(**size.context_options(), **options)
@@ -67,9 +84,28 @@ def open_app(context: BrowserContext, url: str) -> Page:
     return page
 
 
-def wait_until_loaded(page: Page) -> None:
+def wait_until_loaded(page: Page, *, idle: bool = True) -> None:
+    """Until the page load has answered: the server wrote the address field ("c:" and the open
+    conversation's id) and the composer's loading overlay is gone; with `idle`, Send is enabled too
+    (it is not while a reply runs)."""
     page.locator("#chat-input textarea:not([disabled])").wait_for()
-    expect(page.locator("#send-button")).to_be_enabled()
+    poll(page, """() => {
+            const field = document.querySelector('#conversation-address textarea, #conversation-address input');
+            const tracker = document.querySelector('#chat-input [data-testid=status-tracker]');
+            return !!field && field.value.startsWith('c:') && (!tracker || tracker.classList.contains('hide'));
+        }""", message="the page load answered")
+    if idle:
+        expect(page.locator("#send-button")).to_be_enabled()
+
+
+def set_temperature(page: Page, value: float) -> None:
+    """Generation settings → Temperature (0 makes the tiny model's reply the same every time)."""
+    page.locator("#generation-settings").click()
+    number = page.locator("#generation-settings input[type=number]").first
+    number.fill(f"{value:g}")
+    number.press("Enter")
+    expect(number).to_have_value(f"{value:g}")
+    page.locator("#generation-settings").click()
 
 
 def poll(page: Page, expression: str, *, arg: Any = None, timeout: float = TIMEOUT_MS / 1000,
@@ -108,7 +144,8 @@ def user_messages(page: Page):
 def wait_for_reply_end(page: Page, *, count: int | None = None, timeout_ms: float = TIMEOUT_MS) -> str:
     """Wait until the last reply has its footer and Send is enabled again; returns the footer text.
 
-    `count`: how many replies the chat shows by then (a footer of an earlier reply is not enough).
+    `count`: how many replies the chat shows by then. Call it once the chat shows the new question:
+    until then an earlier reply's footer is still on the page.
     """
     footers = page.locator("#chatbot .reply-footer")
     if count is not None:
@@ -156,13 +193,22 @@ def box_in_viewport(page: Page, selector: str) -> dict:
             return {top: r.top, bottom: r.bottom, left: r.left, right: r.right,
                     inside: r.width > 0 && r.height > 0 && r.top >= 0 && r.left >= 0
                             && r.bottom <= window.innerHeight + 1 && r.right <= window.innerWidth + 1,
-                    uncovered: !!top && (el === top || el.contains(top))};
+                    uncovered: !!top && (el === top || el.contains(top)),
+                    coveredBy: top && !(el === top || el.contains(top)) ? top.outerHTML.slice(0, 160) : null};
         }""", selector)
 
 
 def assert_on_screen(page: Page, selector: str) -> None:
     where = box_in_viewport(page, selector)
     assert where.get("inside") and where.get("uncovered"), f"{selector} is not fully on screen and uncovered: {where}"
+
+
+def clipped_labels(page: Page, selector: str) -> list[str]:
+    """The buttons under `selector` whose label is wider than the button (cut off or spilling out)."""
+    return page.evaluate(
+        "(selector) => [...document.querySelectorAll(selector)]"
+        ".filter(b => b.offsetParent !== null && b.scrollWidth > b.clientWidth + 1)"
+        ".map(b => `${b.id || b.innerText}: label ${b.scrollWidth}px in ${b.clientWidth}px`)", selector)
 
 
 def document_scroll(page: Page) -> dict:
@@ -245,5 +291,3 @@ def screenshot(page: Page, name: str) -> Path:
     page.screenshot(path=str(path))
     return path
 
-
-Check = Callable[[Page], None]

@@ -37,7 +37,9 @@ def app_services(tmp_path: Path, app_tiny_engine):
 
     settings = Settings(model="tiny", data_dir=tmp_path, max_new_tokens=64, max_message_chars=500)
     storage = open_storage(StorageConfig(data_dir=tmp_path))
-    yield Services(settings=settings, storage=storage, model=ModelSlot.ready(app_tiny_engine))
+    services = Services(settings=settings, storage=storage, model=ModelSlot.ready(app_tiny_engine))
+    yield services
+    services.replies.close()  # replies still being written stop before their storage closes
     storage.close()
 
 

@@ -191,10 +191,13 @@ def test_questions_and_replies_in_the_chatbot_use_the_renderer():
     hostile = "![x](http://x/p) <img src=http://x/q> **ok**"
     question, reply = chatbot_messages([_message(Role.USER, hostile), _message(Role.ASSISTANT, hostile)],
                                        image_file=lambda sha256: None)
-    assert question == {"role": "user", "content": render_markdown(hostile)}
-    rendered, footer = reply["content"].split('<span class="reply-footer">')
+    assert question["role"] == "user" and reply["role"] == "assistant"
+    asked, controls = question["content"].split('<div class="message-controls">')
+    assert asked == render_markdown(hostile)
+    assert controls.startswith('<button type="button"') and "Edit" in controls and controls.endswith("</div>")
+    rendered, footer = reply["content"].split('<div class="message-controls"><span class="reply-footer">')
     assert rendered == render_markdown(hostile)
-    assert footer == "10.0 tokens/s · 20 tokens · first token 0.1 s</span>"
+    assert footer == "10.0 tokens/s · 20 tokens · first token 0.1 s</span></div>"
     for shown in (question["content"], reply["content"]):
         assert "<img" not in shown and "<strong>ok</strong>" in shown
 

@@ -12,11 +12,12 @@ import httpx
 
 @dataclass(frozen=True)
 class Dependency:
-    """One event of the page: its index and the component that triggers it."""
+    """One event of the page: its index, the component that triggers it, its inputs and outputs."""
 
     fn_index: int
     trigger_id: int
     inputs: list[int]
+    outputs: list[int]
 
 
 def login(client: httpx.Client, username: str, password: str) -> None:
@@ -31,8 +32,32 @@ def dependency(config: dict[str, Any], *, elem_id: str, event: str) -> Dependenc
     for index, dep in enumerate(config["dependencies"]):
         for target_id, target_event in dep["targets"]:
             if target_id in ids and target_event == event:
-                return Dependency(fn_index=dep.get("id", index), trigger_id=target_id, inputs=dep["inputs"])
+                return Dependency(fn_index=dep.get("id", index), trigger_id=target_id, inputs=dep["inputs"],
+                                  outputs=dep["outputs"])
     raise LookupError(f"no {event} event on #{elem_id}")
+
+
+def component_id(config: dict[str, Any], name: str) -> int:
+    """The id of the component whose elem_id, or else label, is `name`."""
+    for key in ("elem_id", "label"):
+        ids = [c["id"] for c in config["components"] if c.get("props", {}).get(key) == name]
+        if ids:
+            return ids[0]
+    raise LookupError(f"no component #{name}")
+
+
+def data_for(config: dict[str, Any], dep: Dependency, values: dict[str, Any]) -> list[Any]:
+    """The event's input data: `values` by elem_id or label; None for the others (e.g. gr.State,
+    whose value the server takes from the session anyway)."""
+    data: list[Any] = [None] * len(dep.inputs)
+    for name, value in values.items():
+        data[dep.inputs.index(component_id(config, name))] = value
+    return data
+
+
+def output_of(config: dict[str, Any], dep: Dependency, completed: dict[str, Any], name: str) -> Any:
+    """What the completed event sent to the component `name` (an update dict, a value, or None)."""
+    return completed["output"]["data"][dep.outputs.index(component_id(config, name))]
 
 
 def run_event(client: httpx.Client, dep: Dependency, data: list[Any], *, session_hash: str,
@@ -69,5 +94,6 @@ def chained(config: dict[str, Any], *, after: Dependency) -> Dependency:
     """The event the page runs once `after` has succeeded (`.success(...)` / `.then(...)`)."""
     for index, dep in enumerate(config["dependencies"]):
         if dep.get("trigger_after") == after.fn_index:
-            return Dependency(fn_index=dep.get("id", index), trigger_id=after.trigger_id, inputs=dep["inputs"])
+            return Dependency(fn_index=dep.get("id", index), trigger_id=after.trigger_id, inputs=dep["inputs"],
+                              outputs=dep["outputs"])
     raise LookupError(f"nothing runs after event {after.fn_index}")

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from tests.app_process import running_app
-from tests.security.gradio_protocol import chained, dependency, run_event
+from tests.security.gradio_protocol import chained, data_for, dependency, output_of, run_event
 
 pytestmark = pytest.mark.slow
 
@@ -50,12 +50,19 @@ def test_a_huge_canvas_photo_is_handled_within_a_fixed_memory_budget(tmp_path):
         ask = dependency(config, elem_id="chat-input", event="submit")
         message = {"text": "What is in this panorama?",
                    "files": [{"path": uploaded, "orig_name": "wide.png", "meta": {"_type": "gradio.FileData"}}]}
-        asked = run_event(client, ask, [message, None, 0.0, 1.0, 16], session_hash=session, timeout=300)
-        replied = (run_event(client, chained(config, after=ask), [None, 0.0, 1.0, 16], session_hash=session,
-                             timeout=300) if asked.get("success") else asked)
+        params = {"Temperature": 0.0, "Top-p": 1.0, "Max new tokens": 16}
+        asked = run_event(client, ask, data_for(config, ask, {"chat-input": message, **params}), session_hash=session,
+                          timeout=300)
+        reply = chained(config, after=ask)  # follows the reply the question started on the server
+        replied = (run_event(client, reply, data_for(config, reply, {}), session_hash=session, timeout=300)
+                   if asked.get("success") else asked)
         peak_kb = status_kb(pid, "VmHWM")
     grown = (peak_kb - idle_kb) * 1024
     assert grown < MEMORY_BUDGET, f"the server grew by {grown / 1e6:.0f} MB"
     assert asked.get("success") is True, asked  # the panorama is a photo like any other: stored and answered
     assert replied.get("success") is True, replied
     assert "Traceback" not in json.dumps(replied) and "MemoryError" not in json.dumps(replied)
+    assert output_of(config, ask, asked, "composer-notice") in ("", None), asked  # no refusal by the composer
+    shown_photo, question, answer = output_of(config, reply, replied, "chatbot")
+    assert shown_photo["content"][0]["file"]["path"].endswith(".png")  # stored (cleaned) and shown
+    assert "What is in this panorama?" in json.dumps(question) and "reply-footer" in json.dumps(answer)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from starlette.routing import Route
 
 import launch
 from app.settings import Credential
@@ -24,6 +25,7 @@ PUBLIC = {"/", "/login", "/login/", "/logout", "/favicon.ico", "/theme.css", "/m
           "/pwa_icon", "/pwa_icon/{size}", "/assets/{path}", "/static/{path}", "/svelte/{path}",
           "/gradio_api/startup-events"}
 PARAMETER = re.compile(r"\{[^}]+\}")
+CONVERTER = re.compile(r"\{(\w+):\w+\}")  # `{path:path}` as the schema writes it: `{path}`
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +34,7 @@ def launched(tmp_path_factory, app_tiny_engine) -> Iterator[tuple[str, list[tupl
     from app.model_slot import ModelSlot
     from app.services import Services
     from app.settings import Settings
+    from app.share_page import share_routes
     from app.ui import build_app
     from storage import StorageConfig, open_storage
 
@@ -40,13 +43,18 @@ def launched(tmp_path_factory, app_tiny_engine) -> Iterator[tuple[str, list[tupl
     storage = open_storage(StorageConfig(data_dir=data_dir))
     services = Services(settings=settings, storage=storage, model=ModelSlot.ready(app_tiny_engine))
     demo = build_app(services)
-    app, url, _ = demo.launch(prevent_thread_lock=True, quiet=True,
-                              **launch.launch_options(settings, photo_exists=stored_photo_lookup(storage)))
+    app, url, _ = demo.launch(prevent_thread_lock=True, **launch.launch_options(
+        settings, photo_exists=stored_photo_lookup(storage), routes=share_routes(storage)))
     routes = [(method.upper(), path) for path, operations in app.openapi()["paths"].items() for method in operations]
+    for route in app.routes:  # routes outside the schema too, such as the share pages
+        path = CONVERTER.sub(r"{\1}", route.path) if isinstance(route, Route) else None
+        routes += [(method, path) for method in sorted(getattr(route, "methods", None) or ())
+                   if path is not None and (method, path) not in routes]
     try:
         yield url, routes
     finally:
         demo.close()
+        services.replies.close()
         storage.close()
 
 
@@ -60,6 +68,7 @@ def concrete(path: str) -> str:
 def test_there_are_routes_to_check(launched):
     _, routes = launched
     assert ("POST", "/gradio_api/cancel") in routes and ("POST", "/gradio_api/upload") in routes
+    assert ("GET", "/share/{token}") in routes and ("GET", "/share/{token}/photo/{sha256}") in routes
     assert len([path for _, path in routes if path.startswith("/gradio_api/")]) > 30
 
 

@@ -16,6 +16,7 @@ import pytest
 
 from app.web.files import file_refusal_reason, prepare_temp_dir, sweep
 from tests.app_process import REPO, RunningApp, running_app
+from tests.browser_support import poll
 
 ASSETS = REPO / "assets"
 KEY_FILE = "mipha.sqlite3"  # the database: every conversation
@@ -68,16 +69,19 @@ def send_photo(page, photo: Path) -> tuple[str, str]:
     return upload_path, urljoin(page.url, shown)
 
 
+NO_QUESTION_SHOWN = "() => !document.querySelector('#chatbot [data-testid=user]')"
+
+
 def new_chat(page) -> None:
     page.locator("#new-chat-button").click()
-    page.wait_for_function("() => !document.querySelector('#chatbot [data-testid=user]')")
+    poll(page, NO_QUESTION_SHOWN, message="an empty chat")
 
 
 def delete_open_conversation(page) -> None:
-    page.locator("#manage-conversation").get_by_text("Rename or delete").click()
+    page.locator("#manage-conversation").get_by_text("This conversation").click()
     page.locator("#delete-button").click()
     page.locator("#confirm-delete").click()
-    page.wait_for_function("() => !document.querySelector('#chatbot [data-testid=user]')")
+    poll(page, NO_QUESTION_SHOWN, message="the conversation gone from the chat")
 
 
 def open_page(context, url: str):
@@ -116,8 +120,8 @@ def test_deleted_photos_and_files_from_before_a_restart_are_not_served(tmp_path,
         assert not any((tmp_path / "tmp" / "gradio").rglob("*.jpg"))
         page = open_page(context, app.url)  # the kept conversation still shows its photo
         page.locator("#conversation-list label").first.click()
-        page.wait_for_function("() => [...document.querySelectorAll('#chatbot img')].some("
-                               "img => img.complete && img.naturalWidth > 0)")
+        poll(page, "() => [...document.querySelectorAll('#chatbot img')].some("
+                   "img => img.complete && img.naturalWidth > 0)", message="the kept photo shown")
     context.close()
 
 

@@ -14,6 +14,7 @@ import pytest
 
 from app.web.headers import add_nonce, content_security_policy
 from tests.app_process import RunningApp, running_app
+from tests.browser_support import poll
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
 HIDDEN = ["/monitoring", "/monitoring/summary", "/gradio_api/info", "/gradio_api/openapi.json", "/openapi.json",
@@ -104,8 +105,8 @@ def test_the_page_runs_under_the_policy_without_violations(server, app_browser):
     page.goto(server.url)
     page.locator("#chat-input textarea:not([disabled])").wait_for(timeout=60_000)
     page.locator(".gallery-item, [data-testid=example] , button:has(img)").first.wait_for(timeout=30_000)
-    page.wait_for_function("() => [...document.images].some(img => img.src.includes('chelsea') "
-                           "&& img.complete && img.naturalWidth > 0)", timeout=30_000)
+    poll(page, "() => [...document.images].some(img => img.src.includes('chelsea') "
+               "&& img.complete && img.naturalWidth > 0)", timeout=30, message="the example photo shown")
     context.close()
     violations = [m for m in messages if "Content Security Policy" in m or "Refused to" in m]
     assert not violations, violations

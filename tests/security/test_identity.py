@@ -7,13 +7,14 @@ and whatever of Alice's he could have learnt (her session hash, her encrypted br
 from __future__ import annotations
 
 import json
+import time
 from contextlib import closing
 
 import httpx
 import pytest
 
 from tests.app_process import running_app
-from tests.security.gradio_protocol import dependency, login, run_event
+from tests.security.gradio_protocol import data_for, dependency, login, queue_messages, run_event
 
 pytestmark = pytest.mark.browser
 
@@ -28,25 +29,35 @@ def two_user_app(tmp_path_factory):
         yield app
 
 
-@pytest.fixture(scope="module")
-def alice(two_user_app, app_browser):
-    """Alice signed in, with one conversation; yields (her session hash, her visitor cookie)."""
-    context = app_browser.new_context(viewport={"width": 1280, "height": 900})
+def alice_asks(app, browser):
+    """Alice signed in, her question sent; (her context, page, the session hashes her page used)."""
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
     context.set_default_timeout(TIMEOUT_MS)
     page = context.new_page()
     session_hashes: set[str] = set()
     page.on("request", lambda r: session_hashes.add(json.loads(r.post_data)["session_hash"])
             if "/queue/join" in r.url and r.post_data else None)
-    signed_in = context.request.post(two_user_app.url + "login", form={"username": "alice", "password": "alice-pw"})
+    signed_in = context.request.post(app.url + "login", form={"username": "alice", "password": "alice-pw"})
     assert signed_in.ok, signed_in.status
-    page.goto(two_user_app.url)
+    page.goto(app.url)
     page.locator("#chat-input textarea:not([disabled])").wait_for()
     page.locator("#chat-input textarea").fill(ALICE_QUESTION)
     page.locator("#send-button").click()
     page.locator("#conversation-list label", has_text="Alice").wait_for()
-    visitor_cookie = next((c["value"] for c in context.cookies() if c["name"] == "mipha-visitor"), None)
+    return context, page, session_hashes
+
+
+def visitor_cookie(context) -> str | None:
+    return next((c["value"] for c in context.cookies() if c["name"] == "mipha-visitor"), None)
+
+
+@pytest.fixture(scope="module")
+def alice(two_user_app, app_browser):
+    """Alice signed in, with one answered question; yields (her session hash, her visitor cookie)."""
+    context, page, session_hashes = alice_asks(two_user_app, app_browser)
+    page.locator("#chatbot .reply-footer").wait_for()  # her reply has ended: her page waits for nothing
     assert len(session_hashes) == 1
-    yield session_hashes.pop(), visitor_cookie
+    yield session_hashes.pop(), visitor_cookie(context)
     context.close()
 
 
@@ -59,9 +70,7 @@ def bob_client(app, *, cookies: dict[str, str] | None = None) -> httpx.Client:
 def search_event(client: httpx.Client, *, session_hash: str) -> dict:
     config = client.get("config").json()
     search = dependency(config, elem_id="search-box", event="change")
-    data = [None] * len(search.inputs)
-    data[search.inputs.index(search.trigger_id)] = ""  # the search text
-    return run_event(client, search, data, session_hash=session_hash)
+    return run_event(client, search, data_for(config, search, {"search-box": ""}), session_hash=session_hash)
 
 
 def test_a_replayed_session_hash_shows_bob_nothing_of_alice(two_user_app, alice):
@@ -77,5 +86,28 @@ def test_even_with_her_browser_cookie_bob_sees_only_his_own(two_user_app, alice)
     assert alice_cookie is not None
     with closing(bob_client(two_user_app, cookies={"mipha-visitor": alice_cookie})) as bob:
         replayed = search_event(bob, session_hash=alice_session)
-    assert replayed.get("success") is True, replayed  # the session is let through, the login decides the owner
     assert "Alice" not in json.dumps(replayed)
+    assert replayed["msg"] == "refused" and replayed["status_code"] == 403  # bound to her login too
+
+
+def test_with_her_browser_cookie_bob_cannot_listen_to_her_reply_as_it_is_written(two_user_app, app_browser):
+    """A reply is written by a job the page follows for seconds; its messages are Alice's alone."""
+    context, page, session_hashes = alice_asks(two_user_app, app_browser)
+    try:
+        assert page.locator("#stop-button").is_enabled()  # her reply (512 tokens: seconds) is being written
+        (alice_session,) = session_hashes
+        heard: list[dict] = []
+        with closing(bob_client(two_user_app, cookies={"mipha-visitor": visitor_cookie(context)})) as bob:
+            config = bob.get("config").json()
+            search = dependency(config, elem_id="search-box", event="change")
+            bob.post("gradio_api/queue/join", json={
+                "data": data_for(config, search, {"search-box": ""}), "fn_index": search.fn_index,
+                "trigger_id": search.trigger_id, "session_hash": alice_session, "event_data": None})
+            deadline = time.monotonic() + 20
+            for message in queue_messages(bob, session_hash=alice_session, timeout=30):
+                heard.append(message)
+                if time.monotonic() > deadline:
+                    break
+        assert heard and not any("Alice" in json.dumps(message) for message in heard), heard[:3]
+    finally:
+        context.close()

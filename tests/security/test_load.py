@@ -11,10 +11,10 @@ import httpx
 import pytest
 
 from tests.app_process import running_app
-from tests.security.gradio_protocol import chained, dependency, run_event
+from tests.security.gradio_protocol import chained, data_for, dependency, output_of, run_event
 
 CLIENTS = 8
-PARAMS = [0.0, 1.0, 16]  # greedy, short replies
+PARAMS = {"Temperature": 0.0, "Top-p": 1.0, "Max new tokens": 16}  # greedy, short replies
 
 
 @pytest.fixture(scope="module")
@@ -24,19 +24,25 @@ def app(tmp_path_factory):
 
 
 def visit(url: str, number: int) -> dict:
-    """One visitor: ask a question that names them, read the streamed reply, list their chats."""
+    """One visitor: ask a question that names them, follow the reply to its end, list their chats.
+
+    As the page does: Send stores the question and starts the reply on the server, the event
+    chained after it follows the reply (the open conversation comes from the session's state).
+    """
     question = f"Question from visitor {number:02d} {secrets.token_hex(4)}"
     with closing(httpx.Client(base_url=url, timeout=120)) as client:
         client.get("")  # the page: the visitor cookie is set here
         config = client.get("config").json()
         session = secrets.token_hex(6)
         ask = dependency(config, elem_id="chat-input", event="submit")
-        asked = run_event(client, ask, [{"text": question, "files": []}, None, *PARAMS], session_hash=session)
+        asked = run_event(client, ask, data_for(config, ask, {"chat-input": {"text": question, "files": []}, **PARAMS}),
+                          session_hash=session)
         reply = chained(config, after=ask)
-        replied = run_event(client, reply, [None, *PARAMS], session_hash=session)
+        replied = run_event(client, reply, data_for(config, reply, {}), session_hash=session)
         listing = dependency(config, elem_id="search-box", event="change")
-        listed = run_event(client, listing, ["", None], session_hash=session)
-    return {"question": question, "asked": asked, "replied": replied, "listed": listed}
+        listed = run_event(client, listing, data_for(config, listing, {"search-box": ""}), session_hash=session)
+    return {"question": question, "asked": asked, "replied": replied, "listed": listed, "config": config,
+            "reply": reply, "listing": listing}
 
 
 def test_eight_concurrent_visitors_get_their_own_replies_and_nothing_else(app):
@@ -48,7 +54,10 @@ def test_eight_concurrent_visitors_get_their_own_replies_and_nothing_else(app):
             assert visit_result[step].get("success") is True, (step, visit_result[step])
         seen = json.dumps([visit_result["asked"], visit_result["replied"], visit_result["listed"]])
         own = visit_result["question"]
-        assert own in json.dumps(visit_result["replied"])  # the reply came in their own conversation
+        config = visit_result["config"]
+        chat = output_of(config, visit_result["reply"], visit_result["replied"], "chatbot")
+        assert [m["role"] for m in chat] == ["user", "assistant"]  # the reply came in their own conversation
+        assert own in json.dumps(chat[0]) and "reply-footer" in json.dumps(chat[1])
         assert [q for q in questions if q in seen] == [own]  # and no one else's text anywhere
-        choices = visit_result["listed"]["output"]["data"][0]["choices"]
+        choices = output_of(config, visit_result["listing"], visit_result["listed"], "conversation-list")["choices"]
         assert len(choices) == 1 and choices[0][0].startswith(own[:40])

@@ -27,7 +27,10 @@ def test_asking_for_cuda_on_a_cpu_only_torch_ends_loading_with_the_cause(tmp_pat
         expect(send).to_contain_text("no model")
         page.locator("#chat-input textarea").fill("hello?")
         page.locator("#chat-input textarea").press("Enter")
-        expect(page.locator("[data-testid=toast-body]").first).to_contain_text("could not be loaded")
+        notice = page.locator("#composer-notice p.notice")  # by the composer, not a toast over the chat
+        expect(notice).to_contain_text("could not be loaded")
         expect(page.locator("#chat-input textarea")).to_have_value("hello?")  # nothing typed is lost
+        assert page.locator("[data-testid=toast-body]").count() == 0
+        assert page.locator("#conversation-list label").count() == 0  # nothing was stored
         app_screenshot(page, "security-model-failed")
         context.close()
