@@ -236,9 +236,9 @@ def sidebar_open(page: Page) -> bool:
 
 
 def wait_until_still(page: Page) -> None:
-    """Until no CSS transition or animation runs (colours settle after a theme switch)."""
-    poll(page, "() => document.getAnimations().filter(a => a.playState === 'running').length === 0",
-         timeout=5, message="animations finished")
+    """Until no finite CSS transition or animation runs (colours settle after a theme switch)."""
+    poll(page, "() => document.getAnimations().every(a => a.playState !== 'running'"
+               " || a.effect?.getComputedTiming().iterations === Infinity)", timeout=5, message="animations finished")
 
 
 def switch_to_dark(page: Page) -> None:
@@ -265,7 +265,7 @@ def axe_violations(page: Page, *, impacts: tuple[str, ...] = BLOCKING_IMPACTS) -
     """
     if page.evaluate("() => typeof window.axe") != "object":
         page.evaluate(axe_source())
-    found = page.evaluate(
+    return page.evaluate(
         """async (impacts) => {
             const result = await axe.run(document, {resultTypes: ['violations']});
             return result.violations.filter(v => impacts.includes(v.impact)).map(v => ({
@@ -273,7 +273,6 @@ def axe_violations(page: Page, *, impacts: tuple[str, ...] = BLOCKING_IMPACTS) -
                 targets: v.nodes.map(n => n.target.join(' ')),
                 summary: v.nodes[0] ? v.nodes[0].failureSummary : ''}));
         }""", list(impacts))
-    return found
 
 
 def describe_violations(violations: list[dict]) -> str:

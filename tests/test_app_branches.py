@@ -54,6 +54,7 @@ def test_an_edited_question_is_a_new_version_and_both_stay_reachable(h, owner):
 
     switched = h.page_action(owner, conversation, json.dumps({"action": "switch", "message": follow_up.id}))
     assert "And the colours?" in switched.messages[-2]["content"]
+    assert "16 kept for the reply" in switched.context  # the conversation's own reply length, not the default
     assert [m.text for m in stored(h, owner, conversation)[::2]] == ["What is in the photo?", "And the colours?"]
 
 

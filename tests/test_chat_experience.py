@@ -4,9 +4,11 @@ told next to it without an overlay, the address follows the conversation, a repl
 reload, edits and regenerations keep the earlier version, shared links are read-only and can be
 turned off, copies are clean text, the phone drawer, export and import, the theme, and axe-core.
 
-Two servers per module: replies of up to 32 tokens for most tests, and the default 512 for the
-two tests about long replies. Each test is its own visitor (a browser context of its own) unless
-it needs another's conversation. Screenshots go to test-artifacts/chat-*.png.
+Two servers per module, started together: replies of up to 32 tokens for most tests, and the
+default 512 for the tests about long replies (the reload test comes first: it needs the reply still
+running). Each test is its own visitor (a browser context of its own) unless it reads another's
+conversation. The page's policy forbids eval, so waits poll (see tests/browser_support.py).
+Screenshots go to test-artifacts/chat-*.png.
 """
 
 from __future__ import annotations
