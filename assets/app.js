@@ -147,10 +147,13 @@
 
   // --- phone: the sidebar is a drawer that closes once a conversation is chosen -----------
 
-  function closeDrawer() {
-    const sidebar = document.querySelector(".sidebar.open, .sidebar[open]");
-    const toggle = sidebar && sidebar.querySelector(".toggle-button");
-    if (toggle) setTimeout(() => toggle.click(), 150);
+  function closeDrawer(delay = 150) {
+    // a click on a list entry reaches both the label and its radio button: close once, when still open
+    setTimeout(() => {
+      const sidebar = document.querySelector(".sidebar.open");
+      const toggle = sidebar && sidebar.querySelector(".toggle-button");
+      if (toggle) toggle.click();
+    }, delay);
   }
 
   // --- copy gives clean text: no markup, no version switcher, no speed footer -------------
@@ -207,6 +210,40 @@
 
   // --- start ------------------------------------------------------------------------------
 
+  function textOf(html) {
+    return new DOMParser().parseFromString(html, "text/html").body.textContent.replace(/\s+/g, " ").trim();
+  }
+
+  function tidyForScreenReaders() {
+    // Gradio names each message by its raw content, which is HTML here: name it by its text
+    document.querySelectorAll("#chatbot [aria-label*='<']").forEach((el) => {
+      const label = el.getAttribute("aria-label");
+      const colon = label.indexOf(": ");
+      el.setAttribute("aria-label", colon > 0 ? label.slice(0, colon + 2) + textOf(label.slice(colon + 2)) : textOf(label));
+    });
+    // the starting suggestions are buttons, not list items
+    document.querySelectorAll("#chatbot .examples[role='list']").forEach((el) => el.removeAttribute("role"));
+  }
+
+  // a notice stays until the person changes the text; then it fades (the next notice shows again)
+  let noticeShown = "";
+  function followNotice() {
+    const box = document.getElementById("composer-notice");
+    if (!box) return;
+    const text = box.innerHTML; // each notice carries a new number in its class: the same words show again
+    if (text !== noticeShown) {
+      noticeShown = text;
+      box.classList.remove("dismissed");
+    }
+  }
+
+  document.addEventListener("input", (event) => {
+    if (event.target.closest && event.target.closest("#chat-input")) {
+      const box = document.getElementById("composer-notice");
+      if (box && box.querySelector(".notice.error, .notice.warning")) box.classList.add("dismissed");
+    }
+  }, true);
+
   function announceChanges() {
     // the page's sanitizer drops aria-live from rendered text: set it on the containers instead
     for (const id of ["composer-notice", "char-counter-box", "context-meter"]) {
@@ -220,6 +257,8 @@
   setInterval(() => {
     syncAddress();
     announceChanges();
+    tidyForScreenReaders();
+    followNotice();
     const toggle = document.getElementById("theme-toggle");
     if (toggle && !themed) {
       themed = true;
@@ -227,7 +266,7 @@
     }
     if (!drawerChecked && document.querySelector(".sidebar")) {
       drawerChecked = true;
-      if (isNarrow()) closeDrawer();
+      if (isNarrow()) closeDrawer(0);
     }
   }, 250);
 })();

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import itertools
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,6 +66,8 @@ class Page:
             updates[k.editing_label] = view.editing.label if view.editing is not None else ""
         if view.busy is not KEEP:
             updates.update(self.buttons(busy=view.busy))
+        if view.conversation_id is None:  # a new chat has nothing to regenerate
+            updates[k.regenerate] = gr.update(interactive=False)
         if view.share is not KEEP:
             updates.update(self._share(view.share.path))
         if view.download is not KEEP:
@@ -100,12 +103,18 @@ class Page:
                 s.unshare: gr.update(visible=path is not None)}
 
 
+_notice_numbers = itertools.count(1)
+
+
 def notice_html(notice: Notice) -> str:
-    """The composer's notice: one sentence, escaped, announced to screen readers."""
+    """The composer's notice: one sentence, escaped (its container is announced to screen readers).
+
+    A number in the class makes each notice new to the page's script, which hides a notice once
+    the person edits the text: the same sentence given again shows again.
+    """
     if not notice.text:
         return ""
-    role = "alert" if notice.kind == "error" else "status"
-    return f'<p class="notice {notice.kind}" role="{role}">{html.escape(notice.text)}</p>'
+    return f'<p class="notice {notice.kind} n-{next(_notice_numbers)}">{html.escape(notice.text)}</p>'
 
 
 def status_text(state: ModelState, message: str, *, local: bool) -> str:

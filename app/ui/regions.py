@@ -117,7 +117,8 @@ def generation_settings(settings: Settings) -> SettingsRegion:
                                 info="0 always picks the likeliest word; higher is more varied")
         top_p = gr.Slider(*TOP_P_RANGE, value=1.0, step=0.05, label="Top-p")
         limit = settings.max_new_tokens
-        max_new_tokens = gr.Slider(min(16, limit), limit, value=min(512, limit), step=16, label="Max new tokens")
+        max_new_tokens = gr.Slider(1 if limit <= 16 else 16, max(limit, 2), value=min(512, limit),
+                                   step=1 if limit <= 16 else 16, label="Max new tokens")
     return SettingsRegion(temperature, top_p, max_new_tokens)
 
 
@@ -142,7 +143,8 @@ def composer(settings: Settings) -> ComposerRegion:
             editing_label = gr.Markdown("")
             cancel_edit = gr.Button("Cancel edit", size="sm", elem_id="cancel-edit", scale=0)
         text = gr.MultimodalTextbox(
-            elem_id="chat-input", file_types=["image"], file_count="single", sources=["upload"],
+            # any file: one that is not a photo gets a notice by the composer, not the browser's toast
+            elem_id="chat-input", file_types=None, file_count="single", sources=["upload"],
             placeholder="Ask about your photo… (drop, paste or attach an image)", show_label=False,
             submit_btn=False, autofocus=True, lines=1, max_lines=8,
             # longer pastes would turn into a text attachment; the length limit is shown by the counter instead

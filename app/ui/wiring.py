@@ -75,8 +75,8 @@ def _connect(demo: gr.Blocks, page: Page, h: Handlers, timer: gr.Timer) -> None:
         return request.query_params.get("c", "") if request is not None else ""
 
     # page load: the address's conversation (or a new chat), the model banner, and the composer
-    loaded = demo.load(address_of, None, [st.address], api_name=False).then(
-        on(load), [st.address], outputs, api_name=False)
+    loaded = demo.load(address_of, None, [st.address], api_name=False, show_progress="hidden").then(
+        on(load), [st.address], outputs, api_name=False, show_progress="hidden")
     then_attach(loaded)
     demo.load(page.status, None, [c.status, k.send], api_name=False, queue=False)
     timer.tick(lambda: {**page.status(), timer: gr.Timer(active=_loading(page))}, None,
@@ -85,8 +85,7 @@ def _connect(demo: gr.Blocks, page: Page, h: Handlers, timer: gr.Timer) -> None:
     # sidebar: open, new, search, rename, delete, share, export, import
     opened = s.conversations.input(on(h.open), [s.conversations], outputs, api_name=False)
     then_attach(opened)
-    for new_chat in (s.new_chat.click, c.chatbot.clear):  # the chatbot's trash icon starts a new chat too
-        new_chat(on(lambda owner_id: h.new_chat(owner_id)), None, outputs, api_name=False)
+    s.new_chat.click(on(lambda owner_id: h.new_chat(owner_id)), None, outputs, api_name=False)
     s.search.change(on(h.search), [s.search, st.conversation], outputs, api_name=False, show_progress="hidden",
                     trigger_mode="always_last")
     s.rename.click(on(h.rename), [st.conversation, s.title, s.search], outputs, api_name=False)
@@ -122,7 +121,7 @@ def _connect(demo: gr.Blocks, page: Page, h: Handlers, timer: gr.Timer) -> None:
     then_attach(st.navigation.change(on(h.load), [st.navigation], outputs, api_name=False))
 
     # leaving a conversation stops following its reply (the reply itself goes on, on the server)
-    for leave in (s.conversations.input, s.new_chat.click, c.chatbot.clear, st.navigation.change,
+    for leave in (s.conversations.input, s.new_chat.click, st.navigation.change,
                   s.confirm_delete.click,
                   s.import_files.upload):
         leave(None, None, None, cancels=followers, api_name=False, queue=False)

@@ -12,6 +12,7 @@ from contextlib import closing
 
 import httpx
 import pytest
+from playwright.sync_api import expect
 
 from tests.app_process import running_app
 from tests.security.gradio_protocol import data_for, dependency, login, queue_messages, run_event
@@ -94,7 +95,7 @@ def test_with_her_browser_cookie_bob_cannot_listen_to_her_reply_as_it_is_written
     """A reply is written by a job the page follows for seconds; its messages are Alice's alone."""
     context, page, session_hashes = alice_asks(two_user_app, app_browser)
     try:
-        assert page.locator("#stop-button").is_enabled()  # her reply (512 tokens: seconds) is being written
+        expect(page.locator("#stop-button")).to_be_enabled(timeout=30_000)  # her 512-token reply is being written
         (alice_session,) = session_hashes
         heard: list[dict] = []
         with closing(bob_client(two_user_app, cookies={"mipha-visitor": visitor_cookie(context)})) as bob:
