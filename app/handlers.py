@@ -19,12 +19,25 @@ from PIL import Image
 
 import storage as db
 from app.access import identity_for, owner_id_for
-from app.chat_view import chatbot_messages, conversation_choices, growing_reply, model_messages, question_end
+from app.chat_view import (
+    chatbot_messages,
+    conversation_choices,
+    growing_reply,
+    model_messages,
+    question_end,
+)
 from app.context_meter import ContextUse, meter_html
 from app.events import UNEXPECTED_FAILURE, Refused
 from app.gpu import on_gpu
 from app.model_slot import ModelNotReadyError, ModelState
-from app.page_view import NO_NOTICE, ConversationList, Editing, Notice, PageView, ShareState
+from app.page_view import (
+    NO_NOTICE,
+    ConversationList,
+    Editing,
+    Notice,
+    PageView,
+    ShareState,
+)
 from app.replies import ReplyAlreadyRunningError
 from app.services import Services
 from app.text_input import clean_text

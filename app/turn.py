@@ -15,7 +15,13 @@ import storage as db
 from app.chat_view import model_messages
 from app.page_view import Notice
 from app.replies import ReplyJob
-from mipha_core import CacheKey, ContextOverflowError, Engine, GenerationParams, MiphaError
+from mipha_core import (
+    CacheKey,
+    ContextOverflowError,
+    Engine,
+    GenerationParams,
+    MiphaError,
+)
 from mipha_core.images import load_image
 
 log = logging.getLogger(__name__)

@@ -24,11 +24,16 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from storage.conversations import owned_conversation
-from storage.errors import ImageNotFoundError, NotFoundError, ShareNotFoundError, ShareRevokedError
+from storage.errors import (
+    ImageNotFoundError,
+    NotFoundError,
+    ShareNotFoundError,
+    ShareRevokedError,
+)
 from storage.images import image_path
 from storage.mapping import conversation_record, share_record
 from storage.models import Conversation, Share, utcnow
-from storage.records import ShareRecord, SharedConversation
+from storage.records import SharedConversation, ShareRecord
 from storage.tree import active_path
 
 if TYPE_CHECKING:

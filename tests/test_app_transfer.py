@@ -10,7 +10,13 @@ from pathlib import Path
 import pytest
 
 import storage as db
-from app.transfer import MAX_ZIP_ENTRIES, export_all, export_conversation, file_stem, import_files
+from app.transfer import (
+    MAX_ZIP_ENTRIES,
+    export_all,
+    export_conversation,
+    file_stem,
+    import_files,
+)
 from storage import StorageConfig, StorageLimits, open_storage
 
 

@@ -12,7 +12,13 @@ import gradio as gr
 from app.model_slot import ModelSlot, ModelState
 from app.page_view import KEEP, Notice, PageView
 from app.settings import Settings
-from app.ui.regions import ChatRegion, ComposerRegion, HiddenState, SettingsRegion, SidebarRegion
+from app.ui.regions import (
+    ChatRegion,
+    ComposerRegion,
+    HiddenState,
+    SettingsRegion,
+    SidebarRegion,
+)
 
 SEND_LABELS = {ModelState.LOADING: "Send (model loading…)", ModelState.FAILED: "Send (no model)"}
 BUSY_LABEL = "Send (reply in progress…)"
