@@ -10,8 +10,14 @@ if [ -f "$TARGET/axe.min.js" ] && grep -q "\"version\": \"$AXE_VERSION\"" "$TARG
   exit 0
 fi
 if ! command -v npm >/dev/null 2>&1; then
-  echo "npm is missing: install Node.js (e.g. the 'npm' package), then run make test again." >&2
-  exit 1
+  if [ "$(id -u)" -eq 0 ]; then
+    apt-get update -q && apt-get install -y -q npm
+  elif command -v sudo >/dev/null 2>&1; then
+    sudo apt-get update -q && sudo apt-get install -y -q npm
+  else
+    echo "npm is missing and this user cannot install it: install the 'npm' package, then run make test again." >&2
+    exit 1
+  fi
 fi
 npm install --prefix "$PREFIX" --no-audit --no-fund --ignore-scripts --save-exact "axe-core@$AXE_VERSION"
 test -f "$TARGET/axe.min.js"
