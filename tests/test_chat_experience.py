@@ -258,6 +258,22 @@ def test_a_text_file_is_refused_next_to_the_composer(app_browser, quick_server, 
         expect(page.locator("#chatbot .message-content")).to_have_count(0)  # nothing was stored
 
 
+# --- focus -----------------------------------------------------------------------------
+
+
+def test_the_text_box_has_the_focus_on_load_and_after_each_send(app_browser, quick_server):
+    in_composer = "() => document.activeElement !== null && document.activeElement.closest('#chat-input') !== null"
+    with visitor(app_browser) as context:
+        page = open_app(context, quick_server)
+        poll(page, in_composer, message="the text box has the focus once the page is loaded")
+        composer(page).fill("Where does the focus go?")
+        page.locator("#send-button").click()
+        wait_for_reply_end(page, count=1)
+        poll(page, in_composer, message="the text box has the focus again after Send")
+        page.keyboard.type("typed without clicking")
+        expect(composer(page)).to_have_value("typed without clicking")
+
+
 # --- the address follows the conversation -----------------------------------------------
 
 
