@@ -225,22 +225,12 @@
     document.querySelectorAll("#chatbot .examples[role='list']").forEach((el) => el.removeAttribute("role"));
   }
 
-  // a notice stays until the person changes the text; then it fades (the next notice shows again)
-  let noticeShown = "";
-  function followNotice() {
-    const box = document.getElementById("composer-notice");
-    if (!box) return;
-    const text = box.innerHTML; // each notice carries a new number in its class: the same words show again
-    if (text !== noticeShown) {
-      noticeShown = text;
-      box.classList.remove("dismissed");
-    }
-  }
-
+  // a notice stays until the person changes the text; then it fades. The class goes on the notice
+  // itself, so the next notice (a new element) shows at once.
   document.addEventListener("input", (event) => {
     if (event.target.closest && event.target.closest("#chat-input")) {
-      const box = document.getElementById("composer-notice");
-      if (box && box.querySelector(".notice.error, .notice.warning")) box.classList.add("dismissed");
+      document.querySelectorAll("#composer-notice .notice.error, #composer-notice .notice.warning")
+        .forEach((shown) => shown.classList.add("dismissed"));
     }
   }, true);
 
@@ -258,7 +248,6 @@
     syncAddress();
     announceChanges();
     tidyForScreenReaders();
-    followNotice();
     const toggle = document.getElementById("theme-toggle");
     if (toggle && !themed) {
       themed = true;

@@ -115,8 +115,8 @@ _notice_numbers = itertools.count(1)
 def notice_html(notice: Notice) -> str:
     """The composer's notice: one sentence, escaped (its container is announced to screen readers).
 
-    A number in the class makes each notice new to the page's script, which hides a notice once
-    the person edits the text: the same sentence given again shows again.
+    The page's script hides a notice once the person edits the text; a number in the class makes
+    each notice new HTML, so the same sentence given again is drawn (and shown) again.
     """
     if not notice.text:
         return ""
