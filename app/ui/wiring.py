@@ -21,8 +21,10 @@ from app.ui import regions
 from app.ui.assets import EXAMPLES, example_messages
 from app.ui.page import Page, status_text
 
-ATTACH_LIMIT = 64
-"""Listeners following replies at once (cheap: they wait on the job, not on the model)."""
+ATTACH_LIMIT = 24
+"""Pages following replies at once. Each holds one of the 40 threads Gradio runs events on while
+it waits on its job, so the rest stay free for sending, opening and searching; a page beyond the
+limit waits in the queue and then gets the reply as far as it has come."""
 
 
 def build_app(services: Services) -> gr.Blocks:
