@@ -43,7 +43,7 @@ from app.services import Services
 from app.text_input import clean_text
 from app.transfer import ExportFormat, export_all, export_conversation, import_files
 from app.turn import ReplyOutcome, cache_key, reply_work
-from app.uploads import discard_upload
+from app.uploads import discard_upload, save_upload
 from mipha_core import ContextOverflowError, Engine, GenerationParams
 from mipha_core.generation import DEFAULT_MAX_NEW_TOKENS
 
@@ -188,7 +188,7 @@ class Handlers:
         kept_photo = edited.image_sha256 if edited is not None and not files else None
         draft = DraftQuestion(text=text, image_sha256=kept_photo or ("draft" if files else None))
         self._check_fits(engine, [*earlier, draft], params)
-        image = self._save_upload(Path(files[0])) if files else None
+        image = save_upload(self.storage, Path(files[0])) if files else None
         with self.storage.session() as s:
             if conversation_id is None:
                 conversation_id = db.create_conversation(
@@ -428,31 +428,6 @@ class Handlers:
             return db.image_path(self.storage, sha256)
         except db.ImageNotFoundError:
             return None
-
-    def _save_upload(self, path: Path) -> db.ImageRecord:
-        """Store the cleaned photo; the original upload (with its EXIF and GPS) is deleted."""
-        limit = self.storage.limits.max_image_bytes
-        try:
-            size = path.stat().st_size
-        except OSError as e:
-            raise Refused("The upload did not arrive completely; add the photo again.") from e
-        if size > limit:
-            discard_upload(path)
-            raise Refused(f"The photo is {size / 1e6:.1f} MB; the limit is {limit / 1e6:.0f} MB. "
-                          "Use a smaller or more compressed photo.")
-        try:
-            record = db.save_image(self.storage, path.read_bytes())
-        except db.InvalidImageError as e:
-            discard_upload(path)
-            raise Refused("That file is not a photo this app can read: send a JPEG, PNG, WebP, GIF, BMP, HEIC "
-                          "or AVIF photo.") from e
-        except db.LimitExceededError as e:
-            discard_upload(path)
-            raise Refused(str(e)) from e
-        except OSError as e:
-            raise Refused("The upload did not arrive completely; add the photo again.") from e
-        discard_upload(path)
-        return record
 
 
 def _opened(owner_id: int | None, conversation_id: str | None, doing: str) -> tuple[int, str]:
