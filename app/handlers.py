@@ -29,6 +29,7 @@ from app.chat_view import (
 from app.context_meter import ContextUse, meter_html
 from app.events import UNEXPECTED_FAILURE, Refused
 from app.gpu import on_gpu
+from app.library import opened, share_state
 from app.model_slot import ModelNotReadyError, ModelState
 from app.page_view import (
     NO_NOTICE,
@@ -41,9 +42,8 @@ from app.page_view import (
 from app.replies import ReplyAlreadyRunningError
 from app.services import Services
 from app.text_input import clean_text
-from app.transfer import ExportFormat, export_all, export_conversation, import_files
 from app.turn import ReplyOutcome, cache_key, reply_work
-from app.uploads import discard_upload, save_upload
+from app.uploads import save_upload
 from mipha_core import ContextOverflowError, Engine, GenerationParams
 from mipha_core.generation import DEFAULT_MAX_NEW_TOKENS
 
@@ -118,7 +118,7 @@ class Handlers:
             params=params,
             conversations=self._conversations(owner_id, selected=conversation.id), notice=NO_NOTICE,
             editing=None, busy=self.replies.running((owner_id, conversation.id)),
-            context=meter_html(use), share=_share_state(share),
+            context=meter_html(use), share=share_state(share),
             download=None)
 
     def new_chat(self, owner_id: int | None) -> PageView:
@@ -132,7 +132,7 @@ class Handlers:
         return PageView(conversations=self._conversations(owner_id, selected=selected, query=query))
 
     def rename(self, owner_id: int | None, conversation_id: str | None, title: str, query: str = "") -> PageView:
-        owner_id, conversation_id = _opened(owner_id, conversation_id, "rename it")
+        owner_id, conversation_id = opened(owner_id, conversation_id, "rename it")
         with self.storage.session() as s:
             record = db.rename_conversation(s, owner_id=owner_id, conversation_id=conversation_id,
                                             title=clean_text(title))
@@ -140,7 +140,7 @@ class Handlers:
                         conversations=self._conversations(owner_id, selected=conversation_id, query=query))
 
     def delete(self, owner_id: int | None, conversation_id: str | None) -> PageView:
-        owner_id, conversation_id = _opened(owner_id, conversation_id, "delete it")
+        owner_id, conversation_id = opened(owner_id, conversation_id, "delete it")
         self.replies.cancel((owner_id, conversation_id))
         with self.storage.session() as s:
             db.delete_conversation(s, owner_id=owner_id, conversation_id=conversation_id)
@@ -290,60 +290,6 @@ class Handlers:
     def cancel_edit(self, owner_id: int | None) -> PageView:
         return PageView(editing=None, composer="clear", notice=NO_NOTICE)
 
-    # --- sharing, export and import --------------------------------------------------------
-
-    def share(self, owner_id: int | None, conversation_id: str | None) -> PageView:
-        owner_id, conversation_id = _opened(owner_id, conversation_id, "share it")
-        with self.storage.session() as s:
-            share = db.share_conversation(s, owner_id=owner_id, conversation_id=conversation_id)
-        return PageView(share=_share_state(share), notice=Notice(
-            "Anyone with this link can read this conversation (not change it) until you turn the link off.",
-            "info"))
-
-    def unshare(self, owner_id: int | None, conversation_id: str | None) -> PageView:
-        owner_id, conversation_id = _opened(owner_id, conversation_id, "turn its link off")
-        with self.storage.session() as s:
-            db.revoke_share(s, owner_id=owner_id, conversation_id=conversation_id)
-        return PageView(share=ShareState(None), notice=Notice("The link is off: it no longer shows this "
-                                                              "conversation.", "info"))
-
-    def export(self, owner_id: int | None, conversation_id: str | None, format: ExportFormat) -> PageView:
-        owner_id, conversation_id = _opened(owner_id, conversation_id, "export it")
-        path = export_conversation(self.storage, owner_id=owner_id, conversation_id=conversation_id,
-                                   format=format, into=self._exports_dir)
-        return PageView(download=str(path), notice=NO_NOTICE)
-
-    def export_everything(self, owner_id: int | None) -> PageView:
-        if owner_id is None:
-            raise Refused("The page is still starting; try again in a second.", kind="warning")
-        path = export_all(self.storage, owner_id=owner_id, into=self._exports_dir)
-        if path is None:
-            raise Refused("There is nothing to export yet.", kind="info")
-        return PageView(download=str(path), notice=NO_NOTICE)
-
-    def import_(self, owner_id: int | None, files: list[Any] | None) -> PageView:
-        """Exported conversations back in; the last one imported opens."""
-        if owner_id is None:
-            raise Refused("The page is still starting; try again in a second.", kind="warning")
-        paths = [Path(f if isinstance(f, str) else getattr(f, "name", "")) for f in files or []]
-        try:
-            report = import_files(self.storage, owner_id=owner_id, paths=[p for p in paths if p.name])
-        finally:
-            for path in paths:
-                discard_upload(path)
-        if not report.imported:
-            raise Refused(" ".join(report.refused) or "Choose a file exported from Mipha Chat (.json or .zip).")
-        count = len(report.imported)
-        said = f"Imported {count} conversation{'s' if count != 1 else ''}."
-        if report.refused:
-            said += " Not imported: " + " ".join(report.refused)
-        view = self.open(owner_id, report.imported[-1].id)
-        return view.merged(PageView(notice=Notice(said, "warning" if report.refused else "info")))
-
-    @property
-    def _exports_dir(self) -> Path:
-        return self.settings.temp_dir / "exports"
-
     # --- helpers ---------------------------------------------------------------------------
 
     def _start_reply(self, engine: Engine, owner_id: int, conversation_id: str, params: GenerationParams) -> None:
@@ -430,19 +376,9 @@ class Handlers:
             return None
 
 
-def _opened(owner_id: int | None, conversation_id: str | None, doing: str) -> tuple[int, str]:
-    if not conversation_id or owner_id is None:
-        raise Refused(f"Open a conversation first, then {doing}.", kind="warning")
-    return owner_id, conversation_id
-
-
 def _stored_params(stored: dict[str, Any]) -> dict[str, Any]:
     return {"temperature": stored.get("temperature"), "top_p": stored.get("top_p"),
             "max_new_tokens": stored.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)}
-
-
-def _share_state(share: db.ShareRecord | None) -> ShareState:
-    return ShareState(None if share is None else f"/share/{share.token}")
 
 
 def _job_failure(error: BaseException) -> str:

@@ -15,6 +15,7 @@ import gradio as gr
 
 from app.events import owned, owned_stream
 from app.handlers import Handlers
+from app.library import Library
 from app.model_slot import ModelState
 from app.services import Services
 from app.ui import regions
@@ -30,6 +31,7 @@ limit waits in the queue and then gets the reply as far as it has come."""
 def build_app(services: Services) -> gr.Blocks:
     """The whole UI bound to `services`. Building it loads nothing and starts nothing."""
     h = Handlers(services)
+    library = Library(services, open=h.open)
     settings = services.settings
     model_status = services.model.status()
 
@@ -42,13 +44,13 @@ def build_app(services: Services) -> gr.Blocks:
         params = regions.generation_settings(settings)
         timer = gr.Timer(1.0, active=model_status.state is ModelState.LOADING)
         page = Page(sidebar, params, chat, composer, state, services.model, settings)
-        _connect(demo, page, h, timer)
+        _connect(demo, page, h, library, timer)
 
     demo.queue(default_concurrency_limit=settings.concurrency)
     return demo
 
 
-def _connect(demo: gr.Blocks, page: Page, h: Handlers, timer: gr.Timer) -> None:
+def _connect(demo: gr.Blocks, page: Page, h: Handlers, library: Library, timer: gr.Timer) -> None:
     s, c, k, st = page.sidebar, page.chat, page.composer, page.state
     outputs = page.outputs
     params = page.params.inputs
@@ -96,13 +98,13 @@ def _connect(demo: gr.Blocks, page: Page, h: Handlers, timer: gr.Timer) -> None:
     s.keep.click(lambda: gr.update(visible=False), None, [s.confirm_row], api_name=False, queue=False)
     s.confirm_delete.click(on(h.delete), [st.conversation], outputs, api_name=False).then(
         lambda: gr.update(visible=False), None, [s.confirm_row], api_name=False, queue=False)
-    s.share.click(on(h.share), [st.conversation], outputs, api_name=False)
-    s.unshare.click(on(h.unshare), [st.conversation], outputs, api_name=False)
-    s.export_markdown.click(on(lambda o, conv: h.export(o, conv, "markdown")), [st.conversation], outputs,
+    s.share.click(on(library.share), [st.conversation], outputs, api_name=False)
+    s.unshare.click(on(library.unshare), [st.conversation], outputs, api_name=False)
+    s.export_markdown.click(on(lambda o, conv: library.export(o, conv, "markdown")), [st.conversation], outputs,
                             api_name=False)
-    s.export_json.click(on(lambda o, conv: h.export(o, conv, "json")), [st.conversation], outputs, api_name=False)
-    s.export_all.click(on(h.export_everything), None, outputs, api_name=False)
-    s.import_files.upload(on(h.import_), [s.import_files], outputs, api_name=False)
+    s.export_json.click(on(lambda o, conv: library.export(o, conv, "json")), [st.conversation], outputs, api_name=False)
+    s.export_all.click(on(library.export_everything), None, outputs, api_name=False)
+    s.import_files.upload(on(library.import_), [s.import_files], outputs, api_name=False)
     for slider in params:
         slider.release(on(h.remember_settings), [st.conversation, *params], outputs, api_name=False,
                        show_progress="hidden")
