@@ -256,6 +256,8 @@
     if (!drawerChecked && document.querySelector(".sidebar")) {
       drawerChecked = true;
       if (isNarrow()) closeDrawer(0);
+      // the stylesheet keeps the drawer out of sight until it is closed: no flash at load on a phone
+      setTimeout(() => document.body.classList.add("drawer-ready"), isNarrow() ? 400 : 0);
     }
   }, 250);
 })();
