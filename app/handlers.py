@@ -229,16 +229,21 @@ class Handlers:
         self._start_reply(engine, owner_id, conversation_id, params)
         return PageView(messages=self._show(records), busy=True, notice=NO_NOTICE, editing=None)
 
-    def attach(self, owner_id: int | None, conversation_id: str | None) -> Iterator[PageView]:
-        """Follow the conversation's reply job, if one runs: the text so far, then live, then the stored reply.
+    def attach(self, owner_id: int | None, conversation_id: str | None, *,
+               new_reply: bool = False) -> Iterator[PageView]:
+        """Follow the conversation's reply job: the text so far, then live, then the stored reply.
 
-        A reload, a second tab or a reconnect call this again and pick the reply up where it is.
-        Closing the page only closes this listener; the job goes on for a grace period.
+        After Send or Regenerate (`new_reply`) the page waits for this reply even if it is already
+        over. After a load, a switch or back/forward the page shows what is stored, so only a reply
+        still being written is followed: a finished one changes nothing, which also keeps a late
+        follower from drawing over the conversation the person has moved on to. A reload, a second
+        tab or a reconnect pick a running reply up where it is; closing the page only closes this
+        listener, and the job goes on for a grace period.
         """
         if not conversation_id or owner_id is None:
             return
         job = self.replies.get((owner_id, conversation_id))
-        if job is None:
+        if job is None or (job.done and not new_reply):
             return
         records = self._records(owner_id, conversation_id)
         shown = self._show(records[:question_end(records)])  # rendered once; only the reply grows
@@ -254,7 +259,8 @@ class Handlers:
         view = self.open(owner_id, conversation_id)
         outcome = final.outcome if isinstance(final.outcome, ReplyOutcome) else ReplyOutcome()
         notice = outcome.notice or (Notice(final.notice) if final.notice else None)
-        yield view.merged(PageView(busy=False, notice=notice or NO_NOTICE))
+        yield PageView(messages=view.messages, context=view.context, conversations=view.conversations,
+                       busy=False, notice=notice or NO_NOTICE)
 
     def stop(self, owner_id: int | None, conversation_id: str | None) -> PageView:
         """Stop this conversation's reply within a token; the partial text is kept and marked."""

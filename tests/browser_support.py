@@ -101,8 +101,17 @@ def wait_until_loaded(page: Page, *, idle: bool = True) -> None:
 
 def set_temperature(page: Page, value: float) -> None:
     """Generation settings → Temperature (0 makes the tiny model's reply the same every time)."""
+    _set_generation_setting(page, 0, value)
+
+
+def set_max_new_tokens(page: Page, value: int) -> None:
+    """Generation settings → Max new tokens."""
+    _set_generation_setting(page, 2, value)
+
+
+def _set_generation_setting(page: Page, index: int, value: float) -> None:
     page.locator("#generation-settings").click()
-    number = page.locator("#generation-settings input[type=number]").first
+    number = page.locator("#generation-settings input[type=number]").nth(index)
     number.fill(f"{value:g}")
     number.press("Enter")
     expect(number).to_have_value(f"{value:g}")

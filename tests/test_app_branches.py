@@ -9,7 +9,7 @@ import pytest
 import storage as db
 from app.events import Refused
 from app.handlers import Handlers
-from app.page_view import Editing, PageView
+from app.page_view import KEEP, Editing, PageView
 
 
 @pytest.fixture
@@ -28,9 +28,9 @@ def ask(h: Handlers, owner: int, text: str, conversation: str | None = None,
         editing: Editing | None = None) -> PageView:
     """Send, then follow the reply to its end; the last view the page would show."""
     sent = h.send(owner, {"text": text, "files": []}, conversation, editing, 0.0, 1.0, 16)
-    views = list(h.attach(owner, sent.conversation_id))
+    views = list(h.attach(owner, sent.conversation_id, new_reply=True))
     assert views and views[-1].busy is False
-    return views[-1]
+    return PageView(conversation_id=sent.conversation_id).merged(views[-1])
 
 
 def stored(h: Handlers, owner: int, conversation: str) -> list[db.MessageRecord]:
@@ -67,11 +67,19 @@ def test_the_new_version_reuses_the_cached_start_of_the_conversation(h, owner):
     assert reply.reused_tokens and reply.reused_tokens > 0  # the system prompt and the first turn
 
 
+def test_a_finished_reply_is_followed_only_right_after_sending(h, owner):
+    """After a load or a switch the page already shows what is stored: nothing to draw again."""
+    conversation = ask(h, owner, "Hello").conversation_id
+    assert list(h.attach(owner, conversation)) == []
+    (final,) = h.attach(owner, conversation, new_reply=True)
+    assert final.busy is False and final.conversation_id is KEEP  # never moves the page elsewhere
+
+
 def test_regenerate_keeps_the_earlier_reply_as_a_version(h, owner):
     conversation = ask(h, owner, "Hello").conversation_id
     earlier = stored(h, owner, conversation)[-1]
     h.regenerate(owner, conversation, 1.0, 1.0, 16)
-    list(h.attach(owner, conversation))
+    list(h.attach(owner, conversation, new_reply=True))
     newer = stored(h, owner, conversation)[-1]
     assert newer.id != earlier.id and newer.sibling_ids == (earlier.id, newer.id)
 

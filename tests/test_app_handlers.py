@@ -64,7 +64,7 @@ def ask(h: Handlers, owner: int, text: str, *, conversation: str | None = None, 
         params=PARAMS) -> tuple[str, list[PageView]]:
     """Send, then follow the reply to its end; the conversation and every view the page got."""
     sent = send(h, owner, text, conversation=conversation, files=files, params=params)
-    return sent.conversation_id, list(h.attach(owner, sent.conversation_id))
+    return sent.conversation_id, list(h.attach(owner, sent.conversation_id, new_reply=True))
 
 
 def stored(h: Handlers, owner: int, conversation: str) -> list[db.MessageRecord]:
@@ -138,7 +138,7 @@ def test_question_with_photo_streams_and_persists(app_services):
     assert sent.busy is True and sent.composer == "clear"  # Send waits, Stop works, the box is emptied
     asked_photo, asked_text = sent.messages
     assert Path(asked_photo["content"]["path"]).is_file()
-    frames = list(h.attach(owner, sent.conversation_id))
+    frames = list(h.attach(owner, sent.conversation_id, new_reply=True))
     *streaming, final = frames
     assert all(view.busy is True for view in streaming) and final.busy is False
     question, answer = stored(h, owner, sent.conversation_id)
@@ -162,7 +162,7 @@ def test_a_reply_waiting_for_the_model_says_so(app_services):
     release = threading.Event()
     h.replies.start((owner, "someone-else"), lambda job: release.wait(30), notice_for=str)  # holds the only slot
     sent = send(h, owner, "Are you there?")
-    frames = h.attach(owner, sent.conversation_id)
+    frames = h.attach(owner, sent.conversation_id, new_reply=True)
     first = next(frames)
     assert first.busy is True and "Waiting for a free turn" in first.messages[-1]["content"]
     release.set()
@@ -185,7 +185,7 @@ def test_second_question_reuses_the_cache_and_says_so_in_the_footer(h, owner):
 
 def test_stop_keeps_the_partial_reply_and_marks_it(h, owner):
     sent = send(h, owner, "Tell me a long story", params=(0.0, 1.0, 64))
-    frames = h.attach(owner, sent.conversation_id)
+    frames = h.attach(owner, sent.conversation_id, new_reply=True)
     for view in frames:  # until the first words are on the page
         if "<p>" in view.messages[-1]["content"]:
             break
@@ -202,12 +202,12 @@ def test_a_reload_finds_the_reply_still_being_written(h, owner):
     """Closing the page (the listener) does not stop the reply: attaching again picks it up."""
     sent = send(h, owner, "Hello", params=(0.0, 1.0, 64))
     key = (owner, sent.conversation_id)
-    first_tab = h.attach(owner, sent.conversation_id)
+    first_tab = h.attach(owner, sent.conversation_id, new_reply=True)
     next(first_tab)
     first_tab.close()  # what Gradio does when the tab closes
     reloaded = h.load(owner, sent.conversation_id)
     assert reloaded.conversation_id == sent.conversation_id and reloaded.messages[0]["role"] == "user"
-    final = list(h.attach(owner, sent.conversation_id))[-1]
+    final = list(h.attach(owner, sent.conversation_id, new_reply=True))[-1]
     assert final.busy is False and not h.replies.running(key)
     answer = stored(h, owner, sent.conversation_id)[-1]
     assert answer.status is db.MessageStatus.COMPLETE and answer.completion_tokens
@@ -223,7 +223,7 @@ def test_a_reply_nobody_follows_stops_after_the_grace_period(app_services):
         owner = new_visitor(h)
         sent = send(h, owner, "Hello", params=(0.0, 1.0, 1024))
         job = replies.get((owner, sent.conversation_id))
-        listener = h.attach(owner, sent.conversation_id)
+        listener = h.attach(owner, sent.conversation_id, new_reply=True)
         next(listener)
         listener.close()
         wait_for(lambda: job.done, what="the reply's end")
@@ -242,7 +242,7 @@ def test_regenerate_adds_a_new_version_and_keeps_the_old_one(h, owner):
     regenerating = h.regenerate(owner, conversation, 0.7, 0.9, 24)
     assert regenerating.busy is True
     assert [m["role"] for m in regenerating.messages] == ["user", "user"]  # the old reply is out of view
-    final = list(h.attach(owner, conversation))[-1]
+    final = list(h.attach(owner, conversation, new_reply=True))[-1]
     records = stored(h, owner, conversation)
     assert [r.id for r in records[:-1]] == [question.id] and records[-1].role is db.Role.ASSISTANT
     second = records[-1]
@@ -263,7 +263,7 @@ def test_editing_a_question_makes_a_new_version_and_keeps_the_old_branch(h, owne
     assert editing.composer == "What is in this photo?" and editing.editing.message_id == old_question.id
     edited = send(h, owner, "What colour is the cat?", conversation=conversation, editing=editing.editing)
     assert edited.editing is None and edited.composer == "clear"
-    list(h.attach(owner, conversation))
+    list(h.attach(owner, conversation, new_reply=True))
     new_question, new_reply = stored(h, owner, conversation)
     assert new_question.text == "What colour is the cat?" and new_question.id != old_question.id
     assert new_question.image_sha256 == old_question.image_sha256  # the photo goes with the question
@@ -309,7 +309,7 @@ def test_second_photo_is_announced(h, owner):
     assert not frames[-1].notice.text
     sent = send(h, owner, "And this?", conversation=conversation, files=[photo("coffee.jpg")])
     assert "now looks at this photo" in sent.notice.text and sent.notice.kind == "info"
-    list(h.attach(owner, conversation))
+    list(h.attach(owner, conversation, new_reply=True))
 
 
 def test_long_conversation_warns_that_old_turns_are_dropped(h, owner):

@@ -31,7 +31,7 @@ def owner_of(h: Handlers, name: str) -> int:
 
 def conversation_of(h: Handlers, owner: int, text: str) -> str:
     sent = h.send(owner, {"text": text, "files": []}, None, None, 0.0, 1.0, 8)
-    list(h.attach(owner, sent.conversation_id))
+    list(h.attach(owner, sent.conversation_id, new_reply=True))
     return sent.conversation_id
 
 

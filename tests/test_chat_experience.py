@@ -5,7 +5,7 @@ reload, edits and regenerations keep the earlier version, shared links are read-
 turned off, copies are clean text, the phone drawer, export and import, the theme, and axe-core.
 
 Two servers per module, started together: replies of up to 32 tokens for most tests, and the
-default 512 for the tests about long replies (the reload test comes first: it needs the reply still
+1024 for the tests about long replies (the reload test comes first: it needs the reply still
 running). Each test is its own visitor (a browser context of its own) unless it reads another's
 conversation. The page's policy forbids eval, so waits poll (see tests/browser_support.py).
 Screenshots go to test-artifacts/chat-*.png.
@@ -44,6 +44,7 @@ from tests.browser_support import (
     reply_text,
     screenshot,
     send,
+    set_max_new_tokens,
     set_temperature,
     sidebar_open,
     started_together,
@@ -58,8 +59,9 @@ from tests.browser_support import (
 pytestmark = pytest.mark.browser
 
 QUICK_TOKENS = 32
-LONG_QUESTION = "Tell me a long story about this app."  # at temperature 0: 512 tokens, no early end
-LONG_REPLY_MS = 90_000  # 512 tokens at ~30 tokens/s, with room for a busy machine
+LONG_QUESTION = "Tell me a long story about this app."  # at temperature 0: no early end
+LONG_TOKENS = 1024  # ~30 s at ~35 tokens/s: room to reload mid-reply even on a busy machine
+LONG_REPLY_MS = 180_000
 UNFINISHED = re.compile(r"partial|interrupted|failed")
 
 
@@ -68,10 +70,11 @@ UNFINISHED = re.compile(r"partial|interrupted|failed")
 
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
-    """Two apps started at once: replies of at most 32 tokens (a second or two each), and the default 512."""
+    """Two apps started at once: replies of at most 32 tokens (a second or two each), and of 1024."""
     quick = running_app(tmp_path_factory.mktemp("quick-data"), "--max-new-tokens", str(QUICK_TOKENS),
                         name="chat-experience-quick")
-    long = running_app(tmp_path_factory.mktemp("long-data"), name="chat-experience-long")
+    long = running_app(tmp_path_factory.mktemp("long-data"), "--max-new-tokens", str(LONG_TOKENS),
+                       name="chat-experience-long")
     with started_together(quick, long) as (quick_app, long_app):
         yield quick_app.url, long_app.url
 
@@ -97,10 +100,11 @@ class Conversation:
 
 @pytest.fixture(scope="module")
 def streaming_reply(long_server: str, app_browser: Browser) -> Iterator[Page]:
-    """A desktop page whose 512-token reply has started (the reload test reloads it mid-reply)."""
+    """A desktop page whose 1024-token reply has started (the reload test reloads it mid-reply)."""
     with visitor(app_browser) as context:
         page = open_app(context, long_server)
         set_temperature(page, 0)
+        set_max_new_tokens(page, LONG_TOKENS)
         send(page, LONG_QUESTION)
         bot_messages(page).last.filter(has_text=re.compile(r"\w{2}")).wait_for()
         yield page
@@ -156,7 +160,7 @@ def test_a_reload_mid_reply_picks_the_reply_up_and_it_finishes(streaming_reply: 
     assert page.locator("#chatbot .reply-footer").count() == 0, "the reply ended before the reload was tested"
 
     footer = wait_for_reply_end(page, count=1, timeout_ms=LONG_REPLY_MS)
-    assert "512 tokens" in footer and not UNFINISHED.search(footer), footer
+    assert f"{LONG_TOKENS} tokens" in footer and not UNFINISHED.search(footer), footer
     expect(page.locator("#stop-button")).to_be_disabled()
     shown = reply_text(bot_messages(page).last)
     assert len(shown) > seen

@@ -8,6 +8,7 @@ every page load and conversation switch, so a reload picks a running reply up ag
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -61,12 +62,12 @@ def _connect(demo: gr.Blocks, page: Page, h: Handlers, library: Library, timer: 
     def on(handler: Callable[..., Any]) -> Callable[..., Any]:
         return owned(resolve, handler, render=page.render)
 
-    attach = owned_stream(resolve, h.attach, render=page.render)
-
     followers: list[Any] = []
 
-    def then_attach(event: Any) -> Any:
-        """Follow the open conversation's reply, if one runs (after a send, a reload or a switch)."""
+    def then_attach(event: Any, *, new_reply: bool = False) -> Any:
+        """Follow the open conversation's reply: the one just asked for, or one still running
+        (after a reload, a switch or back/forward)."""
+        attach = owned_stream(resolve, functools.partial(h.attach, new_reply=new_reply), render=page.render)
         follower = event.then(attach, [st.conversation], outputs, api_name=False, show_progress="hidden",
                               concurrency_id="attach", concurrency_limit=ATTACH_LIMIT)
         followers.append(follower)
@@ -113,9 +114,9 @@ def _connect(demo: gr.Blocks, page: Page, h: Handlers, library: Library, timer: 
     for trigger in (k.input.submit, k.send.click):
         sent = trigger(on(h.send), [k.input, st.conversation, st.editing, *params], outputs, api_name=False,
                        show_progress="hidden", concurrency_limit=None)
-        then_attach(sent)
+        then_attach(sent, new_reply=True)
     then_attach(k.regenerate.click(on(h.regenerate), [st.conversation, *params], outputs, api_name=False,
-                                   concurrency_limit=None))
+                                   concurrency_limit=None), new_reply=True)
     k.stop.click(on(h.stop), [st.conversation], outputs, api_name=False, queue=False)
     k.cancel_edit.click(on(h.cancel_edit), None, outputs, api_name=False, queue=False)
     c.chatbot.example_select(_example, None, [k.input], api_name=False, queue=False)
