@@ -11,7 +11,7 @@ import functools
 import json
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from app.gpu import on_gpu
 from app.library import opened, share_state
 from app.model_slot import ModelNotReadyError, ModelState
 from app.page_view import (
+    KEEP,
     NO_NOTICE,
     ConversationList,
     Editing,
@@ -93,8 +94,8 @@ class Handlers:
         `address` is the `c` of `?c=<id>`; after back/forward the script adds `#<count>`, dropped here.
         """
         address = (address or "").partition("#")[0].strip()[:MAX_ADDRESS_CHARS]
-        if owner_id is None or not address:
-            return self.new_chat(owner_id)
+        if owner_id is None or not address:  # the settings keep what the page has (or what was just changed)
+            return replace(self.new_chat(owner_id), params=KEEP)
         try:
             return self.open(owner_id, address)
         except db.NotFoundError:

@@ -110,12 +110,17 @@ def set_max_new_tokens(page: Page, value: int) -> None:
 
 
 def _set_generation_setting(page: Page, index: int, value: float) -> None:
-    page.locator("#generation-settings").click()
+    header = page.locator("#generation-settings > button, #generation-settings .label-wrap").first
+    header.click()
     number = page.locator("#generation-settings input[type=number]").nth(index)
-    number.fill(f"{value:g}")
-    number.press("Enter")
+    for _ in range(20):  # the accordion mounts its sliders as it opens: a value typed too early is reset
+        number.fill(f"{value:g}")
+        number.press("Enter")
+        page.wait_for_timeout(250)
+        if number.input_value() == f"{value:g}":
+            break
     expect(number).to_have_value(f"{value:g}")
-    page.locator("#generation-settings").click()
+    header.click()
 
 
 def poll(page: Page, expression: str, *, arg: Any = None, timeout: float = TIMEOUT_MS / 1000,
