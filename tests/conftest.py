@@ -43,6 +43,14 @@ def app_services(tmp_path: Path, app_tiny_engine):
     storage.close()
 
 
+@pytest.fixture
+def app_handlers(app_services):
+    """The page's handlers over `app_services` (their replies stop when the services close)."""
+    from app.handlers import Handlers
+
+    return Handlers(app_services)
+
+
 # --- browser fixtures: the real app in a subprocess and headless Chromium ----------------------
 
 

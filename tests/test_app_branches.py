@@ -13,10 +13,8 @@ from app.page_view import KEEP, Editing, PageView
 
 
 @pytest.fixture
-def h(app_services) -> Handlers:
-    handlers = Handlers(app_services)
-    yield handlers
-    app_services.replies.close()
+def h(app_handlers) -> Handlers:
+    return app_handlers
 
 
 @pytest.fixture

@@ -36,8 +36,8 @@ CONTROLS = '<div class="message-controls">'
 
 
 @pytest.fixture
-def h(app_services) -> Handlers:
-    return Handlers(app_services)
+def h(app_handlers) -> Handlers:
+    return app_handlers
 
 
 @pytest.fixture

@@ -14,10 +14,8 @@ from app.library import Library
 
 
 @pytest.fixture
-def h(app_services) -> Handlers:
-    handlers = Handlers(app_services)
-    yield handlers
-    app_services.replies.close()
+def h(app_handlers) -> Handlers:
+    return app_handlers
 
 
 @pytest.fixture
