@@ -73,15 +73,12 @@ def _connect(demo: gr.Blocks, page: Page, h: Handlers, library: Library, timer: 
         followers.append(follower)
         return follower
 
-    def load(owner_id: int | None, request_address: str) -> Any:
-        return h.load(owner_id, request_address)
-
     def address_of(request: gr.Request) -> str:
         return request.query_params.get("c", "") if request is not None else ""
 
     # page load: the address's conversation (or a new chat), the model banner, and the composer
     loaded = demo.load(address_of, None, [st.address], api_name=False, show_progress="hidden").then(
-        on(load), [st.address], outputs, api_name=False, show_progress="hidden")
+        on(h.load), [st.address], outputs, api_name=False, show_progress="hidden")
     then_attach(loaded)
     demo.load(page.status, None, [c.status, k.send], api_name=False, queue=False)
     timer.tick(lambda: {**page.status(), timer: gr.Timer(active=_loading(page))}, None,
