@@ -11,7 +11,7 @@ Nothing here imports a UI or a database. Typical use::
 """
 
 from mipha_core.caching import CacheKey
-from mipha_core.engine import MIN_REPLY_TOKENS, CacheSettings, Engine, PreparedPrompt
+from mipha_core.engine import CacheSettings, Engine
 from mipha_core.errors import (
     ContextOverflowError,
     ImageError,
@@ -22,14 +22,17 @@ from mipha_core.errors import (
     ModelLoadError,
     UnsupportedModelError,
 )
+from mipha_core.fitting import MIN_REPLY_TOKENS, PreparedPrompt, PromptFitter
 from mipha_core.generation import TEMPERATURE_RANGE, TOP_P_RANGE, GenerationParams, InvalidGenerationParamsError
 from mipha_core.images import load_image
-from mipha_core.loading import DEFAULT_MODEL, TINY_MODEL, load_engine
+from mipha_core.loading import DEFAULT_MODEL, TINY_MODEL, load_engine, load_remote_engine
+from mipha_core.remote import RemoteEngine, RemoteEngineError, RemoteReply, RemoteServer
 from mipha_core.streaming import GenerationOutOfMemoryError, ReplyStats, ReplyStream
 
 __all__ = [
     "DEFAULT_MODEL", "MIN_REPLY_TOKENS", "TINY_MODEL", "CacheKey", "CacheSettings", "ContextOverflowError", "Engine", "GenerationOutOfMemoryError",
     "GenerationParams", "ImageError", "ImageTooLargeError", "InvalidGenerationParamsError", "InvalidImageError",
-    "InvalidMessagesError", "MiphaError", "ModelLoadError", "PreparedPrompt", "ReplyStats", "ReplyStream",
-    "TEMPERATURE_RANGE", "TOP_P_RANGE", "UnsupportedModelError", "load_engine", "load_image",
+    "InvalidMessagesError", "MiphaError", "ModelLoadError", "PreparedPrompt", "PromptFitter", "RemoteEngine",
+    "RemoteEngineError", "RemoteReply", "RemoteServer", "ReplyStats", "ReplyStream",
+    "TEMPERATURE_RANGE", "TOP_P_RANGE", "UnsupportedModelError", "load_engine", "load_image", "load_remote_engine",
 ]

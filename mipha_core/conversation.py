@@ -20,6 +20,24 @@ class Turn:
     image: Image.Image | None = None
 
 
+SYSTEM_ROLES = frozenset({"system", "developer"})
+
+
+def split_system(messages: Sequence[dict[str, Any]]) -> tuple[str | None, list[dict[str, Any]]]:
+    """The text of leading system messages (None without any), and the messages after them.
+
+    A system message replaces the template's own system sentence; it carries text only.
+    """
+    rest = list(messages)
+    texts: list[str] = []
+    while rest and isinstance(rest[0], dict) and rest[0].get("role") in SYSTEM_ROLES:
+        text, images = _split_content(rest.pop(0).get("content"), len(texts))
+        if images:
+            raise InvalidMessagesError(f"message {len(texts)}: a system message cannot carry images")
+        texts.append(text)
+    return ("\n".join(texts) if texts else None), rest
+
+
 def turns_from_messages(messages: Sequence[dict[str, Any]]) -> list[Turn]:
     """Pair alternating user/assistant messages into turns; the last turn must be a question.
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from collections.abc import Sequence
@@ -12,13 +11,12 @@ from typing import Any
 
 import torch
 from PIL import Image
-from transformers import PreTrainedTokenizerBase, StoppingCriteriaList
+from transformers import LogitsProcessorList, PreTrainedTokenizerBase, StoppingCriteriaList
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from mipha_core.caching import ByteBoundedLRU, CacheKey, PrefixKVCache, image_key
-from mipha_core.conversation import Turn, turns_from_messages
-from mipha_core.errors import ContextOverflowError
-from mipha_core.generation import CancelCriteria, CountingTextStreamer, GenerationParams, InvalidGenerationParamsError
+from mipha_core.fitting import MIN_REPLY_TOKENS, PreparedPrompt, PromptFitter
+from mipha_core.generation import CancelCriteria, CountingTextStreamer, GenerationParams, SeededChoice
 from mipha_core.modeling import MiphaForConditionalGeneration
 from mipha_core.preprocessing import ImagePreprocessor
 from mipha_core.prompt import PhiPromptStyle
@@ -26,27 +24,7 @@ from mipha_core.streaming import ReplyStream
 
 logger = logging.getLogger(__name__)
 
-MIN_REPLY_TOKENS = 32
-"""The shortest reply budget a question is answered with when a long question leaves less than asked."""
-
-
-@dataclass(frozen=True)
-class PreparedPrompt:
-    """A conversation fitted into the context window, as token ids and the image to send."""
-
-    token_ids: list[int]
-    image: Image.Image | None
-    dropped_turns: int
-    max_new_tokens: int
-    """The reply budget granted: what was asked, or less when a long question leaves less room."""
-
-    @property
-    def prompt_tokens(self) -> int:
-        return len(self.token_ids)
-
-    @property
-    def image_sent(self) -> bool:
-        return self.image is not None
+__all__ = ["MIN_REPLY_TOKENS", "CacheSettings", "Engine", "PreparedPrompt"]
 
 
 @dataclass(frozen=True)
@@ -59,16 +37,8 @@ class CacheSettings:
 
 
 class Engine:
-    """A loaded Mipha model, its tokenizer and preprocessor, and the conversation rules.
-
-    Conversation rules: the model sees at most ``context_length`` positions (the image takes
-    ``image_tokens``); when a conversation does not fit with room for the reply, whole turns
-    are dropped oldest first, the turn that carries the image last. If the newest turn alone
-    leaves less room than asked, the reply budget shrinks, to ``MIN_REPLY_TOKENS`` at least;
-    a question that leaves less is refused (``ContextOverflowError``). Mipha was trained with one
-    image per conversation, so only the most recent image is sent, at the turn it came with;
-    earlier images stay in the history but the model no longer sees them.
-    """
+    """A loaded Mipha model, its tokenizer and preprocessor; the conversation rules are
+    ``PromptFitter``'s (which turns fit, the reply budget, one image per prompt)."""
 
     def __init__(
         self,
@@ -85,11 +55,10 @@ class Engine:
         self.tokenizer = tokenizer
         self.preprocessor = preprocessor
         self.model_id = model_id
-        self.context_length = context_length
-        self.image_tokens = image_tokens
-        self.prompt_style = PhiPromptStyle()
-        self.end_token_id = tokenizer.convert_tokens_to_ids(self.prompt_style.stop_text)
+        self.end_token_id = tokenizer.convert_tokens_to_ids(PhiPromptStyle.stop_text)
         self.image_token_id = model.config.image_token_id
+        self.fitter = PromptFitter(tokenizer, context_length=context_length, image_tokens=image_tokens,
+                                   image_token_id=self.image_token_id)
         vocab_rows = model.config.text_config.vocab_size
         self.suppressed_ids = list(range(len(tokenizer), vocab_rows))
         self.kv_cache = PrefixKVCache(caches.kv_cache_bytes, image_token_id=self.image_token_id)
@@ -103,10 +72,23 @@ class Engine:
     def dtype(self) -> torch.dtype:
         return self.model.dtype
 
+    @property
+    def context_length(self) -> int:
+        return self.fitter.context_length
+
+    @property
+    def image_tokens(self) -> int:
+        return self.fitter.image_tokens
+
+    @property
+    def label(self) -> str:
+        """What runs, for a person: e.g. "zhumj34/Mipha-3B · bfloat16 · cpu"."""
+        return f"{self.model_id} · {str(self.dtype).removeprefix('torch.')} · {self.device}"
+
     def encode(self, messages: Sequence[dict[str, Any]], *, max_new_tokens: int = 0) -> dict[str, torch.Tensor]:
         """Tensors for ``model(**inputs)`` and ``model.generate(**inputs)``: ``input_ids``,
         ``attention_mask`` and, when an image is sent, ``pixel_values``. Turns that do not fit
-        with ``max_new_tokens`` of room are dropped as described on the class."""
+        with ``max_new_tokens`` of room are dropped as ``PromptFitter`` describes."""
         prepared = self.prepare(messages, max_new_tokens=max_new_tokens)
         inputs = self._text_inputs(prepared.token_ids)
         if prepared.image is not None:
@@ -122,30 +104,12 @@ class Engine:
     ) -> PreparedPrompt:
         """Fit ``messages`` into the context window; tokenizing only, the image is not touched.
 
-        Cheap enough to check a question before storing it. Older turns are dropped (see the
-        class) until the reply has ``max_new_tokens`` of room. If the newest turn alone leaves
-        less, the reply gets what is left, down to ``min_new_tokens`` (or ``max_new_tokens`` if
-        smaller); below that ``ContextOverflowError`` says how much the question is too long.
+        Cheap enough to check a question before storing it. Older turns are dropped (see
+        ``PromptFitter``) until the reply has ``max_new_tokens`` of room. If the newest turn alone
+        leaves less, the reply gets what is left, down to ``min_new_tokens`` (or ``max_new_tokens``
+        if smaller); below that ``ContextOverflowError`` says how much the question is too long.
         """
-        if max_new_tokens < 0 or min_new_tokens < 1:
-            raise InvalidGenerationParamsError(
-                f"max_new_tokens must be >= 0 and min_new_tokens >= 1, got {max_new_tokens} and {min_new_tokens}"
-            )
-        turns = turns_from_messages(messages)
-        image_turn = _latest_image_turn(turns)
-        kept, ids = self._fit(turns, image_turn=image_turn, room=max_new_tokens)
-        image_sent = image_turn in kept
-        shortest = min(min_new_tokens, max_new_tokens)
-        if len(ids) + shortest > self.context_length:
-            raise self._overflow(
-                turns[-1].question, prompt_tokens=len(ids), image_sent=image_sent, reply_tokens=shortest
-            )
-        return PreparedPrompt(
-            token_ids=ids,
-            image=turns[image_turn].image if image_sent else None,
-            dropped_turns=len(turns) - len(kept),
-            max_new_tokens=min(max_new_tokens, self.context_length - len(ids)),
-        )
+        return self.fitter.prepare(messages, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens)
 
     def stream(
         self,
@@ -157,6 +121,7 @@ class Engine:
         cancel: threading.Event | None = None,
         cache: CacheKey | None = None,
         min_new_tokens: int = MIN_REPLY_TOKENS,
+        seed: int | None = None,
     ) -> ReplyStream:
         """Start a reply to the last user message; iterate the result for text.
 
@@ -166,7 +131,8 @@ class Engine:
         and the owner's cached photo features, and leaves its own for the next question;
         without, nothing is reused or kept. Raises ``ContextOverflowError`` here, before any
         generation, when the last question cannot fit. See ``ReplyStream`` for cancellation and
-        for the figures in ``stats``.
+        for the figures in ``stats``. With ``seed``, sampling draws from a generator of its own
+        seeded with it: the same conversation, settings and seed give the same reply.
         """
         params = GenerationParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
         prepared = self.prepare(messages, max_new_tokens=params.max_new_tokens, min_new_tokens=min_new_tokens)
@@ -190,6 +156,8 @@ class Engine:
                 generation_config=config,
                 streamer=streamer,
                 stopping_criteria=StoppingCriteriaList([CancelCriteria(cancel)]),
+                logits_processor=LogitsProcessorList([SeededChoice(seed)] if seed is not None and config.do_sample
+                                                     else []),
             )
             if cache is not None:
                 grown = output.past_key_values
@@ -227,47 +195,13 @@ class Engine:
             self.image_features.put(key, features, features.numel() * features.element_size())
         return features
 
-    def _fit(self, turns: list[Turn], *, image_turn: int | None, room: int) -> tuple[list[int], list[int]]:
-        """Drop turns until ``room`` positions follow the prompt or only the newest is left;
-        returns the indices of the kept turns and the prompt's token ids."""
-        kept = list(range(len(turns)))
-        while True:
-            sent_image_turn = kept.index(image_turn) if image_turn in kept else None
-            ids = self._token_ids([turns[i] for i in kept], image_turn=sent_image_turn)
-            if len(ids) + room <= self.context_length or len(kept) == 1:
-                return kept, ids
-            kept.remove(_turn_to_drop(kept, image_turn))
-
-    def _overflow(
-        self, question: str, *, prompt_tokens: int, image_sent: bool, reply_tokens: int
-    ) -> ContextOverflowError:
-        """The error for a question too long even alone; characters are estimated from its own tokens."""
-        tokens_over = prompt_tokens + reply_tokens - self.context_length
-        question_tokens = len(self.tokenizer(question, add_special_tokens=False).input_ids)
-        characters_over = math.ceil(tokens_over * len(question) / max(question_tokens, 1))
-        photo = f" with the photo (it takes {self.image_tokens} positions)" if image_sent else ""
-        return ContextOverflowError(
-            f"your question is about {tokens_over:,} tokens (roughly {characters_over:,} characters) too long "
-            f"for the model's {self.context_length}-position window{photo}; shorten it",
-            prompt_tokens=prompt_tokens,
-            context_length=self.context_length,
-            image_tokens=self.image_tokens if image_sent else 0,
-            reply_tokens=reply_tokens,
-            characters_over=characters_over,
-        )
-
-    def _token_ids(self, turns: list[Turn], *, image_turn: int | None) -> list[int]:
-        """Tokenize each side of the image on its own, as the original code does."""
-        prompt = self.prompt_style.render(turns, image_turn=image_turn)
-        ids = self.tokenizer(prompt.before, add_special_tokens=False).input_ids
-        if prompt.has_image:
-            ids += [self.image_token_id] * self.image_tokens
-            ids += self.tokenizer(prompt.after, add_special_tokens=False).input_ids
-        return ids
-
     def _text_inputs(self, ids: list[int]) -> dict[str, torch.Tensor]:
         input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
         return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+
+    def model_image(self, image: Image.Image) -> Image.Image:
+        """The photo as the vision tower sees it: padded to a square and resized (384 px for Mipha-3B)."""
+        return self.preprocessor.model_image(image)
 
     def _pixel_values(self, image: Image.Image) -> torch.Tensor:
         return self.preprocessor(image).to(device=self.device, dtype=self._vision_dtype())
@@ -275,17 +209,3 @@ class Engine:
     def _vision_dtype(self) -> torch.dtype:
         return self.model.model.vision_tower.embeddings.patch_embedding.weight.dtype
 
-
-def _turn_to_drop(kept: list[int], image_turn: int | None) -> int:
-    """The oldest kept turn before the newest, the one carrying the image only when no other is left."""
-    older = kept[:-1]
-    without_image = [index for index in older if index != image_turn]
-    return (without_image or older)[0]
-
-
-def _latest_image_turn(turns: list[Turn]) -> int | None:
-    """Index of the turn that carries the most recent image."""
-    for index in range(len(turns) - 1, -1, -1):
-        if turns[index].image is not None:
-            return index
-    return None

@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 
 import torch
-from transformers import GenerationConfig, StoppingCriteria, TextIteratorStreamer
+from transformers import GenerationConfig, LogitsProcessor, StoppingCriteria, TextIteratorStreamer
 
 from mipha_core.errors import MiphaError
 
@@ -93,6 +93,27 @@ class CancelCriteria(StoppingCriteria):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+class SeededChoice(LogitsProcessor):
+    """Draws the next token from the final (tempered, top-k, top-p) distribution with a generator
+    of its own, then leaves only that token possible, so the library's sampler must pick it.
+
+    The library samples from torch's global generator, which concurrent replies share; with
+    this as the last processor, a reply's tokens depend on its seed alone.
+    """
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+        self._generator: torch.Generator | None = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self._generator is None or self._generator.device != scores.device:
+            self._generator = torch.Generator(device=scores.device).manual_seed(self.seed)
+        probabilities = torch.softmax(scores.float(), dim=-1)
+        chosen = torch.multinomial(probabilities, num_samples=1, generator=self._generator)
+        only = torch.full_like(scores, float("-inf"))
+        return only.scatter(-1, chosen, 0.0)
 
 
 class CountingTextStreamer(TextIteratorStreamer):

@@ -18,8 +18,10 @@ from mipha_core.cpu_quantization import quantize_linears
 from mipha_core.devices import choose_device, choose_dtype
 from mipha_core.engine import CacheSettings, Engine
 from mipha_core.errors import ModelLoadError
+from mipha_core.fitting import PromptFitter
 from mipha_core.modeling import MiphaForConditionalGeneration
 from mipha_core.preprocessing import ImagePreprocessor
+from mipha_core.remote import RemoteEngine, RemoteServer
 from mipha_core.tiny import ensure_tiny_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -28,7 +30,8 @@ DEFAULT_MODEL = "zhumj34/Mipha-3B"
 TINY_MODEL = "tiny"
 TINY_FOLDER = Path("models") / "tiny-v1"
 Quantization = Literal["8bit", "4bit"]
-_DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model"]
+_CONFIG_PATTERNS = ["*.json", "*.txt", "*.model"]
+_DOWNLOAD_PATTERNS = [*_CONFIG_PATTERNS, "*.safetensors"]
 _NOT_QUANTIZED = ["model.vision_tower", "model.multi_modal_projector", "lm_head"]
 _WAY_OUT = "Use --model PATH for a local copy or --model tiny for the offline demo model"
 
@@ -71,6 +74,28 @@ def load_engine(
     )
 
 
+def load_remote_engine(
+    server: RemoteServer,
+    *,
+    model: str = DEFAULT_MODEL,
+    data_dir: Path = Path("data"),
+) -> RemoteEngine:
+    """An engine that sends each turn to ``server``, with ``model``'s tokenizer and conversation rules.
+
+    Only the tokenizer, the configs and the image processor's settings of ``model`` are read
+    (for a Hub id, only those files are downloaded): they decide which turns fit and how the
+    photo is padded and resized before it is sent. The server is not contacted until a turn.
+    """
+    folder = resolve_checkpoint(model, data_dir=data_dir, weights=False)
+    checkpoint = read_checkpoint_config(folder)
+    tokenizer = _load_tokenizer(folder, checkpoint)
+    fitter = PromptFitter(tokenizer, context_length=checkpoint.context_length, image_tokens=checkpoint.image_tokens,
+                          image_token_id=checkpoint.llava.image_token_id)
+    logger.info("replies come from the model server at %s (%s)", server.url, server.model or "its first model")
+    return RemoteEngine(server=server, fitter=fitter, preprocessor=_load_preprocessor(folder, checkpoint),
+                        model_id=model)
+
+
 def _check_quantization(quantization: str | None) -> None:
     if quantization not in (None, "8bit", "4bit"):
         raise ModelLoadError(f"quantization must be None, '8bit' or '4bit', got {quantization!r}: "
@@ -88,8 +113,9 @@ def default_cache_settings(device: torch.device) -> CacheSettings:
     return CacheSettings(kv_cache_bytes=kv_bytes)
 
 
-def resolve_checkpoint(model: str, *, data_dir: Path) -> Path:
-    """The local folder holding ``model``: built for "tiny", downloaded for a Hub id."""
+def resolve_checkpoint(model: str, *, data_dir: Path, weights: bool = True) -> Path:
+    """The local folder holding ``model``: built for "tiny", downloaded for a Hub id (without
+    the weights when ``weights`` is False)."""
     if model == TINY_MODEL:
         return _tiny_checkpoint(data_dir)
     path = _expanded(model)
@@ -99,7 +125,7 @@ def resolve_checkpoint(model: str, *, data_dir: Path) -> Path:
         raise ModelLoadError(f"{model} is a file, not a folder: point --model at the folder holding config.json")
     if model.startswith((".", "/", "~")) or model.count("/") != 1:
         raise ModelLoadError(f"{model} is neither an existing folder nor a Hub id like zhumj34/Mipha-3B")
-    return _download(model)
+    return _download(model, patterns=_DOWNLOAD_PATTERNS if weights else _CONFIG_PATTERNS)
 
 
 def _tiny_checkpoint(data_dir: Path) -> Path:
@@ -119,9 +145,9 @@ def _expanded(model: str) -> Path:
         return Path(model)
 
 
-def _download(repo_id: str) -> Path:
+def _download(repo_id: str, *, patterns: list[str]) -> Path:
     try:
-        return Path(snapshot_download(repo_id=repo_id, allow_patterns=_DOWNLOAD_PATTERNS))
+        return Path(snapshot_download(repo_id=repo_id, allow_patterns=patterns))
     except (RepositoryNotFoundError, GatedRepoError) as error:
         raise ModelLoadError(f"{repo_id} was not found on the Hugging Face Hub, or needs a login: {_WAY_OUT}") from error
     except LocalEntryNotFoundError as error:

@@ -101,8 +101,11 @@ class ImagePreprocessor:
             settings.update({key: stored[key] for key in _PROCESSOR_KEYS if key in stored})
         return cls(SiglipImageProcessorPil(**settings))
 
+    def model_image(self, image: Image.Image) -> Image.Image:
+        """``image`` padded to a square and resized to the tower's size: what the model sees, as a photo."""
+        rgb = shrink_to_side(to_rgb(image), self.max_side)
+        return pad_and_resize(rgb, self.size, background=self.background, resample=self.processor.resample)
+
     def __call__(self, image: Image.Image) -> torch.Tensor:
         """Pixel values of shape ``(1, 3, H, W)``, float32."""
-        rgb = shrink_to_side(to_rgb(image), self.max_side)
-        square = pad_and_resize(rgb, self.size, background=self.background, resample=self.processor.resample)
-        return self.processor(images=square, return_tensors="pt")["pixel_values"]
+        return self.processor(images=self.model_image(image), return_tensors="pt")["pixel_values"]

@@ -42,14 +42,15 @@ class PhiPromptStyle:
     assistant_role = "ASSISTANT"
     stop_text = END_OF_TEXT
 
-    def render(self, turns: list[Turn], *, image_turn: int | None) -> PromptText:
+    def render(self, turns: list[Turn], *, image_turn: int | None, system: str | None = None) -> PromptText:
         """Render ``turns`` (the last one unanswered); ``image_turn`` indexes the turn whose
-        user message starts with the image, or is None for a text-only prompt.
+        user message starts with the image, or is None for a text-only prompt. ``system``
+        replaces Mipha's own system sentence (an API client's system message).
 
         The text is cut where the image goes rather than split at "<image>", so a user who
         types "<image>" gets those characters tokenized as text.
         """
-        before: list[str] = [self.system, " "]
+        before: list[str] = [self.system if system is None else system, " "]
         after: list[str] = []
         pieces = before
         for index, turn in enumerate(turns):
