@@ -18,7 +18,7 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-from app.settings import Credential, Settings
+from app.settings import ApiKey, Credential, RemoteEngineSettings, Settings
 
 log = logging.getLogger("launch")
 
@@ -91,6 +91,16 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
                        "the photo and the chat; a full 2048-token conversation takes 0.67 GB in bf16; 0 turns it off "
                        "(default: 2048 on the CPU, 1024 on a GPU) "
                        "[MIPHA_KV_CACHE_MB]")
+    model.add_argument("--engine-url", default=env("MIPHA_ENGINE_URL"),
+                       help="send every turn to this OpenAI-compatible server (vLLM serving Mipha, another Mipha "
+                       "Chat with --api-key) instead of loading the model here, e.g. http://gpu-box:8000/v1; "
+                       "--model then only supplies the tokenizer and conversation rules [MIPHA_ENGINE_URL]")
+    model.add_argument("--engine-api-key", default=None,
+                       help="key sent to --engine-url as 'Authorization: Bearer KEY' [MIPHA_ENGINE_API_KEY]")
+    model.add_argument("--engine-model", default=env("MIPHA_ENGINE_MODEL"),
+                       help="model name at --engine-url (default: the first one it lists) [MIPHA_ENGINE_MODEL]")
+    model.add_argument("--engine-timeout", type=float, default=float(env("MIPHA_ENGINE_TIMEOUT", "120")),
+                       help="seconds to wait for the next piece of a reply from --engine-url [MIPHA_ENGINE_TIMEOUT]")
     model.add_argument("--max-new-tokens", type=int, default=int(env("MIPHA_MAX_NEW_TOKENS", "512")),
                        help="upper bound of the reply length a user can choose [MIPHA_MAX_NEW_TOKENS]")
 
@@ -118,6 +128,12 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     access.add_argument("--auth", action="append", metavar="USER:PASS", default=None,
                         help="require a login; repeat for several users. Conversations belong to the user "
                         "[MIPHA_AUTH: space-separated USER:PASS pairs]")
+    access.add_argument("--api-key", action="append", metavar="KEY", default=None,
+                        help="turn on the OpenAI-compatible API at /v1 for clients sending 'Authorization: Bearer "
+                        "KEY' (16+ characters); repeat for several keys. Off without a key "
+                        "[MIPHA_API_KEYS: space-separated keys]")
+    access.add_argument("--api-queue", type=int, default=_env_int_or(environ, "MIPHA_API_QUEUE", 16),
+                        help="API calls that may wait for the model; more get 429 [MIPHA_API_QUEUE]")
     access.add_argument("--auth-file", type=Path, default=env("MIPHA_AUTH_FILE"),
                         help="file with one USER:PASS per line ('#' starts a comment) [MIPHA_AUTH_FILE]")
 
@@ -160,6 +176,7 @@ def settings_from_args(argv: Sequence[str] | None, environ: Mapping[str, str]) -
                              source="--auth")
     if args.auth_file is not None:
         auth += parse_credentials(read_auth_file(args.auth_file), source=str(args.auth_file))
+    secrets = args.api_key if args.api_key is not None else environ.get("MIPHA_API_KEYS", "").split()
     quantization = "8bit" if args.load_8bit else "4bit" if args.load_4bit else None
     if args.load_8bit and args.load_4bit:
         parser.error("choose one of --load-8bit and --load-4bit")
@@ -174,6 +191,12 @@ def settings_from_args(argv: Sequence[str] | None, environ: Mapping[str, str]) -
             on_space=bool(environ.get("SPACE_ID")),
             oauth_enabled=bool(environ.get("SPACE_ID") and environ.get("OAUTH_CLIENT_ID")),
             zero_gpu=environ.get("SPACES_ZERO_GPU", "").lower() in TRUE_WORDS,
+            api_keys=tuple(ApiKey(secret, label=f"key {n}") for n, secret in enumerate(secrets, start=1)),
+            api_queue=args.api_queue,
+            remote_engine=RemoteEngineSettings(url=args.engine_url,
+                                               api_key=args.engine_api_key or environ.get("MIPHA_ENGINE_API_KEY"),
+                                               model=args.engine_model, timeout_s=args.engine_timeout)
+            if args.engine_url else None,
         )
     except ValueError as e:
         parser.error(str(e))
@@ -192,18 +215,27 @@ def open_services(settings: Settings):
     """Storage opened, the model loading on a background thread: the page can come up now."""
     from app.model_slot import ModelSlot
     from app.services import Services
-    from mipha_core import CacheSettings, load_engine
     from storage import StorageConfig, StorageLimits, open_storage
 
     limits = StorageLimits(max_image_bytes=settings.max_upload_mb * 1024**2)  # the upload cap, in both layers
     storage = open_storage(StorageConfig(data_dir=settings.data_dir, database_url=settings.database_url,
                                          limits=limits))
     model = ModelSlot(settings.model)
-    caches = None if settings.kv_cache_mb is None else CacheSettings(kv_cache_bytes=settings.kv_cache_mb * 1024**2)
-    model.load_in_background(lambda: load_engine(
-        settings.model, device=settings.device, dtype=settings.dtype, quantization=settings.quantization,
-        data_dir=settings.data_dir, caches=caches))
+    model.load_in_background(engine_loader(settings))
     return Services(settings=settings, storage=storage, model=model)
+
+
+def engine_loader(settings: Settings):
+    """What loads the engine: the model here, or only its tokenizer for a remote model server."""
+    from mipha_core import CacheSettings, RemoteServer, load_engine, load_remote_engine
+
+    remote = settings.remote_engine
+    if remote is not None:
+        server = RemoteServer(url=remote.url, api_key=remote.api_key, model=remote.model, timeout_s=remote.timeout_s)
+        return lambda: load_remote_engine(server, model=settings.model, data_dir=settings.data_dir)
+    caches = None if settings.kv_cache_mb is None else CacheSettings(kv_cache_bytes=settings.kv_cache_mb * 1024**2)
+    return lambda: load_engine(settings.model, device=settings.device, dtype=settings.dtype,
+                               quantization=settings.quantization, data_dir=settings.data_dir, caches=caches)
 
 
 def launch_options(settings: Settings, *, photo_exists: Callable[[str], bool], routes: Sequence = ()) -> dict:
@@ -259,13 +291,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     prepare_temp_dir(settings.temp_dir)  # before gradio is imported: it reads GRADIO_TEMP_DIR then
     import gradio as gr
 
+    from app.api import api_routes
     from app.share_page import share_routes
     from app.ui import ASSETS, build_app
 
     gr.set_static_paths([str(ASSETS)])  # example photos are served from assets/, never copied to the temp dir
     blocks = build_app(services)
     options = launch_options(settings, photo_exists=stored_photo_lookup(services.storage),
-                             routes=share_routes(services.storage))
+                             routes=[*api_routes(services), *share_routes(services.storage)])
     share_url = launch_quietly(blocks, options)
     print_startup_report(settings, share_url=share_url)
     blocks.block_thread()

@@ -56,6 +56,13 @@ class ReplyAlreadyRunningError(Exception):
         self.key = key
 
 
+class ReplyQueueFullError(Exception):
+    """Too many replies are waiting for a turn of the model; try again later."""
+
+    def __init__(self) -> None:
+        super().__init__("The model is busy with other replies and the queue is full; try again in a minute.")
+
+
 class ReplyJob:
     """One reply being written: its text so far, its listeners and its cancel event.
 
@@ -189,12 +196,13 @@ class ReplyJobs:
         self._closed = False
 
     def start(self, key: ReplyKey, work: Callable[[ReplyJob], Any], *,
-              notice_for: Callable[[BaseException], str]) -> ReplyJob:
+              notice_for: Callable[[BaseException], str], max_waiting: int | None = None) -> ReplyJob:
         """Run `work(job)` on a daemon thread once a slot is free; its return value becomes the outcome.
 
         An exception from the work is logged with its traceback and ends the job with
         `notice_for(exception)` as the notice; `notice_for` must not raise. A finished job for
-        `key` is replaced; a running one raises `ReplyAlreadyRunningError`.
+        `key` is replaced; a running one raises `ReplyAlreadyRunningError`. With `max_waiting`,
+        a job that would have to wait behind that many others raises `ReplyQueueFullError`.
         """
         job = ReplyJob(key, clock=self._clock, on_idle=self._wake)
         with self._cond:
@@ -203,6 +211,9 @@ class ReplyJobs:
             current = self._jobs.get(key)
             if current is not None and not current.done:
                 raise ReplyAlreadyRunningError(key)
+            if max_waiting is not None and len(self._line) >= max_waiting \
+                    and self._running + len(self._line) >= self._max_running:
+                raise ReplyQueueFullError()
             self._jobs[key] = job
             self._line.append(job)
             thread = threading.Thread(target=self._run, args=(job, work, notice_for),

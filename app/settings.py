@@ -29,6 +29,37 @@ class Credential:
 
 
 @dataclass(frozen=True)
+class ApiKey:
+    """One `--api-key`: a secret a client of the `/v1` API sends as `Authorization: Bearer ...`.
+
+    Kept out of `repr`; `label` (its position, "key 1") is what logs name."""
+
+    secret: str = field(repr=False)
+    label: str = "key"
+
+    def __post_init__(self) -> None:
+        if len(self.secret) < 16 or any(c.isspace() for c in self.secret):
+            raise ValueError(f"API {self.label} must be at least 16 characters without spaces "
+                             "(e.g. from `python -c 'import secrets; print(secrets.token_urlsafe(32))'`)")
+
+
+@dataclass(frozen=True)
+class RemoteEngineSettings:
+    """`--engine-url` and its companions: an OpenAI-compatible server that generates the replies."""
+
+    url: str
+    api_key: str | None = field(default=None, repr=False)
+    model: str | None = None
+    timeout_s: float = 120.0
+
+    def __post_init__(self) -> None:
+        if not self.url.startswith(("http://", "https://")):
+            raise ValueError(f"engine URL must start with http:// or https://, got {self.url!r}")
+        if self.timeout_s <= 0:
+            raise ValueError(f"engine timeout must be positive, got {self.timeout_s}")
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything `launch.py` decides: model, server, exposure, storage and generation limits."""
 
@@ -65,6 +96,12 @@ class Settings:
     oauth_enabled: bool = False
     """A Space with `hf_oauth: true`: show a Hugging Face login; the account then owns the chats."""
     zero_gpu: bool = False
+    api_keys: tuple[ApiKey, ...] = ()
+    """Keys of the OpenAI-compatible `/v1` API; without any, the API is off (its routes answer 404)."""
+    api_queue: int = 16
+    """API calls that may wait for a turn of the model; more are refused with 429."""
+    remote_engine: RemoteEngineSettings | None = None
+    """Send every turn to this server instead of loading the model here."""
 
     def __post_init__(self) -> None:
         if self.quantization not in (None, "8bit", "4bit"):
@@ -77,6 +114,8 @@ class Settings:
             raise ValueError(f"concurrency must be at least 1, got {self.concurrency}")
         if self.kv_cache_mb is not None and self.kv_cache_mb < 0:
             raise ValueError(f"kv_cache_mb must be 0 or more, got {self.kv_cache_mb}")
+        if self.api_queue < 0:
+            raise ValueError(f"api_queue must be 0 or more, got {self.api_queue}")
         if self.max_message_chars < 1:
             raise ValueError(f"max_message_chars must be at least 1, got {self.max_message_chars}")
         for name in ("max_upload_mb", "uploads_per_minute", "upload_mb_per_hour", "upload_total_mb_per_hour",

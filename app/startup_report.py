@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from sqlalchemy.engine import make_url
 
@@ -36,6 +37,9 @@ def startup_lines(settings: Settings, *, device: str, precision: str, share_url:
         lines.append(f"  Open:       this Space's page (the server listens on port {settings.port} inside it)")
     else:
         lines += _address_lines(settings, network_address)
+    if settings.api_keys:
+        lines.append(f"  API:        /v1 (OpenAI-compatible; {len(settings.api_keys)} key"
+                     f"{'s' if len(settings.api_keys) > 1 else ''})")
     if settings.share:
         lines.append(f"  Share link: {share_url} (public, temporary)" if share_url
                      else "  Share link: not created (Gradio's reason is in the warning above)")
@@ -59,6 +63,9 @@ def describe_model(model: str) -> str:
 
 def describe_hardware(settings: Settings) -> tuple[str, str]:
     """Device and precision as `load_engine` will pick them; "auto" is resolved and says so."""
+    if settings.remote_engine is not None:
+        url = urlsplit(settings.remote_engine.url)
+        return f"model server at {url.scheme}://{url.netloc}{url.path}", "the server's"
     try:
         device = choose_device(settings.device)
         dtype = choose_dtype(settings.dtype, device)

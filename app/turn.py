@@ -1,15 +1,18 @@
-"""One turn, from a stored question to a stored reply: the work a reply job runs on its own thread.
+"""One turn, from a question to a reply: the one path the page and the `/v1` API both take.
 
-The page (and later the API) starts it through `app.replies.ReplyJobs`; listeners see the text
-grow through the job. The reply is written to storage as it grows, so a reload finds it there.
+`run_turn` fits the conversation, streams from the engine and applies stop sequences; the page's
+job (`reply_work`) stores the question's reply as it grows, the API's job (`api_work`) only
+publishes it. Both run as jobs in `app.replies.ReplyJobs`, so they share one queue and one limit.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Sequence
 from contextlib import closing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import storage as db
 from app.chat_view import model_messages
@@ -21,6 +24,8 @@ from mipha_core import (
     Engine,
     GenerationParams,
     MiphaError,
+    RemoteEngineError,
+    ReplyStats,
 )
 from mipha_core.images import load_image
 
@@ -28,8 +33,88 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class TurnRequest:
+    """What one reply is asked with, whoever asks."""
+
+    messages: Sequence[dict[str, Any]]
+    """Chat messages in mipha_core's format, ending with the question."""
+    params: GenerationParams
+    cache: CacheKey | None = None
+    stop: tuple[str, ...] = ()
+    """Texts that end the reply where they first appear; they are not part of it."""
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class TurnResult:
+    """The reply's whole text and how it ended."""
+
+    text: str
+    stats: ReplyStats
+    finish_reason: str = field(default="stop")
+    """"stop" (the model ended, or a stop sequence), "length" or "cancelled"."""
+
+
+def run_turn(engine: Engine, request: TurnRequest, *, cancel: threading.Event, on_text: Callable[[str, str], None]) -> TurnResult:
+    """Generate the reply, calling ``on_text(piece, text_so_far)`` as it grows.
+
+    Raises ``ContextOverflowError`` before generating when the question cannot fit, and the
+    engine's ``MiphaError`` when generation fails midway (``on_text`` has had what came).
+    """
+    params = request.params
+    stream = engine.stream(request.messages, max_new_tokens=params.max_new_tokens, temperature=params.temperature,
+                           top_p=params.top_p, cancel=cancel, cache=request.cache, seed=request.seed)
+    stops = StopSequences(request.stop)
+    with closing(iter(stream)) as chunks:  # an early exit waits for the generation to end
+        for chunk in chunks:
+            piece = stops.feed(chunk)
+            if piece:
+                on_text(piece, stops.text)
+            if stops.hit:
+                cancel.set()
+                break
+    if not stops.hit and (rest := stops.flush()):
+        on_text(rest, stops.text)
+    stats = stream.stats
+    return TurnResult(text=stops.text, stats=stats, finish_reason="stop" if stops.hit else stats.finish_reason)
+
+
+class StopSequences:
+    """Cuts a streamed text at the first stop sequence, holding back what might begin one."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = tuple(stop for stop in stops if stop)
+        self.text = ""
+        self.hit = False
+        self._held = ""
+
+    def feed(self, chunk: str) -> str:
+        """The part of ``chunk`` that is certainly reply text, given everything so far."""
+        if not self.stops:
+            self.text += chunk
+            return chunk
+        pending = self._held + chunk
+        found = [index for stop in self.stops if (index := pending.find(stop)) >= 0]
+        if found:
+            self.hit = True
+            piece, self._held = pending[:min(found)], ""
+        else:
+            keep = max((n for stop in self.stops for n in range(1, len(stop)) if pending.endswith(stop[:n])),
+                       default=0)
+            piece, self._held = pending[:len(pending) - keep], pending[len(pending) - keep:]
+        self.text += piece
+        return piece
+
+    def flush(self) -> str:
+        """What was held back, once the reply has ended without a stop sequence."""
+        piece, self._held = self._held, ""
+        self.text += piece
+        return piece
+
+
+@dataclass(frozen=True)
 class ReplyOutcome:
-    """How a reply ended, for the person: a notice when something is worth saying."""
+    """How a page's reply ended, for the person: a notice when something is worth saying."""
 
     notice: Notice | None = None
 
@@ -37,6 +122,33 @@ class ReplyOutcome:
 def cache_key(owner_id: int, conversation_id: str) -> CacheKey:
     """Caches are kept per conversation and shared only among one person's conversations."""
     return CacheKey(owner=str(owner_id), conversation=conversation_id)
+
+
+@dataclass(frozen=True)
+class TurnFailure:
+    """A turn that failed midway, in a sentence; ``engine_unavailable`` when another try may work."""
+
+    message: str
+    engine_unavailable: bool = False
+
+
+def api_work(engine: Engine, request: TurnRequest) -> Callable[[ReplyJob], TurnResult | TurnFailure]:
+    """The job that answers an API call: published as it grows, stored nowhere."""
+
+    def work(job: ReplyJob) -> TurnResult | TurnFailure:
+        try:
+            result = run_turn(engine, request, cancel=job.cancel, on_text=lambda _piece, text: job.publish(text))
+        except MiphaError as e:
+            log.warning("API reply %s failed: %s", job.key[1], e)
+            return TurnFailure(_sentence(str(e)), engine_unavailable=isinstance(e, RemoteEngineError))
+        log.info("API reply %s: %s after %d tokens", job.key[1], result.finish_reason, result.stats.completion_tokens)
+        return result
+
+    return work
+
+
+def _sentence(text: str) -> str:
+    return text[:1].upper() + text[1:] + ("" if text.endswith(".") else ".")
 
 
 def reply_work(storage: db.Storage, engine: Engine, *, owner_id: int, conversation_id: str,
@@ -49,19 +161,21 @@ def reply_work(storage: db.Storage, engine: Engine, *, owner_id: int, conversati
         if not records or records[-1].role is not db.Role.USER:
             return ReplyOutcome()
         messages = model_messages(records, load_image=lambda sha256: load_image(db.image_path(storage, sha256)))
+        request = TurnRequest(messages=messages, params=params, cache=cache_key(owner_id, conversation_id))
         try:
-            stream = engine.stream(messages, max_new_tokens=params.max_new_tokens, temperature=params.temperature,
-                                   top_p=params.top_p, cancel=job.cancel, cache=cache_key(owner_id, conversation_id))
+            engine.prepare(messages, max_new_tokens=params.max_new_tokens)
         except ContextOverflowError as e:  # the question stays: the person can edit it shorter
             return ReplyOutcome(Notice(f"{e} Edit the question to shorten it, or start a new chat."))
-        with db.ReplyWriter.start(storage, owner_id=owner_id, conversation_id=conversation_id) as writer, \
-                closing(iter(stream)) as chunks:  # an early exit waits for the generation thread to end
+        with db.ReplyWriter.start(storage, owner_id=owner_id, conversation_id=conversation_id) as writer:
             job.publish("", message_id=writer.message.id)
+
+            def store(piece: str, _text: str) -> None:
+                writer.append(piece)
+                job.publish(writer.text)
+
             try:
-                for chunk in chunks:
-                    writer.append(chunk)
-                    job.publish(writer.text)
-            except MiphaError as e:  # e.g. out of memory on the device: keep what came, say why
+                result = run_turn(engine, request, cancel=job.cancel, on_text=store)
+            except MiphaError as e:  # e.g. out of memory, or the model server gone: keep what came, say why
                 writer.finish(status=db.MessageStatus.ERROR, finish_reason="error")
                 return ReplyOutcome(Notice(str(e)))
             except db.LimitExceededError as e:
@@ -71,10 +185,10 @@ def reply_work(storage: db.Storage, engine: Engine, *, owner_id: int, conversati
             except db.StorageUnavailableError as e:  # the writer records the failure on its way out, if it can
                 job.cancel.set()
                 return ReplyOutcome(Notice(str(e)))
-            stats = stream.stats
-            cancelled = stats.finish_reason == "cancelled"
+            stats = result.stats
+            cancelled = result.finish_reason == "cancelled"
             writer.finish(status=db.MessageStatus.CANCELLED if cancelled else db.MessageStatus.COMPLETE,
-                          finish_reason=stats.finish_reason, prompt_tokens=stats.prompt_tokens,
+                          finish_reason=result.finish_reason, prompt_tokens=stats.prompt_tokens,
                           completion_tokens=stats.completion_tokens, reused_tokens=stats.reused_tokens)
         if not cancelled and len(records) == 1:  # a photo sent alone: its first reply names the conversation
             with storage.session() as s:

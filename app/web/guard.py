@@ -15,6 +15,7 @@ from starlette.datastructures import Headers
 from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from app.api.errors import WRONG_KEY
 from app.web import routes
 from app.web.files import file_refusal_reason
 from app.web.origin import is_loopback_host, is_same_origin
@@ -31,6 +32,9 @@ NOT_FOUND = Refusal(404, "Not found.")
 SIGN_IN = Refusal(401, "Sign in first.")
 NO_FILE = Refusal(404, "This file is not available.")
 TOO_LARGE = Refusal(413, "This request is too large.")
+API_KEY = Refusal(401, WRONG_KEY.message, code=WRONG_KEY.code)
+API_TOO_LARGE = Refusal(413, "This request is too large: the photo and the messages together exceed the limit.",
+                        code="request_too_large")
 
 
 class WebGuard:
@@ -65,7 +69,7 @@ class WebGuard:
             return
         if refusal is not None:
             _log_refusal(connection, refusal)
-            await respond(send, refusal)
+            await respond(send, refusal, openai_format=routes.is_openai_api(scope["path"]))
             return
         if _is_page(scope):  # served uncompressed, so that the nonce can be written into it
             scope["headers"] = [(k, v) for k, v in scope["headers"] if k != b"accept-encoding"]
@@ -79,6 +83,10 @@ class WebGuard:
             return CROSS_ORIGIN
         if routes.is_hidden(path, show_api=self.policy.show_api):
             return NOT_FOUND
+        if routes.is_openai_api(path):  # a key instead of the login; checked before the body is read
+            if not self.policy.api_keys.enabled:
+                return NOT_FOUND
+            return None if self.policy.api_keys.identify(connection.headers.get("authorization")) else API_KEY
         if self.policy.auth_required and routes.needs_login(path) and signed_in_user(connection) is None:
             return SIGN_IN
         requested = routes.requested_file(path)
@@ -96,6 +104,10 @@ class WebGuard:
             return receive
         if connection.scope["path"] == routes.UPLOAD_PATH:
             return await self._read_upload(connection, receive)
+        if connection.scope["path"] == routes.OPENAI_CHAT_PATH:
+            limit = self.policy.max_api_body_bytes
+            _check_claimed_length(connection.headers, limit, API_TOO_LARGE)
+            return replay(await read_body(receive, limit=limit, too_large=API_TOO_LARGE), receive)
         _check_claimed_length(connection.headers, self.policy.max_request_bytes, TOO_LARGE)
         return replay(await read_body(receive, limit=self.policy.max_request_bytes, too_large=TOO_LARGE), receive)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from app.api.keys import ApiKeys
 from app.settings import Settings
 
 MB = 1024 * 1024
@@ -28,6 +29,7 @@ class WebPolicy:
     upload_bytes_per_hour: int
     upload_total_bytes_per_hour: int
     temp_max_age_s: float
+    api_keys: ApiKeys
 
     @classmethod
     def from_settings(cls, settings: Settings) -> WebPolicy:
@@ -44,7 +46,13 @@ class WebPolicy:
             upload_bytes_per_hour=settings.upload_mb_per_hour * MB,
             upload_total_bytes_per_hour=settings.upload_total_mb_per_hour * MB,
             temp_max_age_s=settings.temp_max_age_minutes * 60.0,
+            api_keys=ApiKeys(settings.api_keys),
         )
+
+    @property
+    def max_api_body_bytes(self) -> int:
+        """The largest chat-completions body: one photo at the size limit, base64-encoded, and the text."""
+        return -(-self.max_upload_bytes * 4 // 3) + self.max_request_bytes
 
     @property
     def max_upload_body_bytes(self) -> int:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from starlette.datastructures import MutableHeaders
 from starlette.types import Message, Send
 
+from app.api.errors import error_headers, error_json
 from app.web.headers import CORS_HEADERS, add_nonce, content_security_policy, security_headers
 
 
@@ -17,6 +18,8 @@ class Refusal:
 
     status: int
     message: str
+    code: str | None = None
+    """A machine-readable reason, for the API's error JSON."""
 
 
 class SecuredSend:
@@ -68,12 +71,18 @@ class SecuredSend:
             headers[name] = value
 
 
-async def respond(send: Send, refusal: Refusal) -> None:
-    """Answer with the refusal's status and its one sentence as plain text."""
-    body = f"{refusal.message}\n".encode()
-    headers = [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", str(len(body)).encode())]
-    if refusal.status in (429, 503):
-        headers.append((b"retry-after", b"60"))
+async def respond(send: Send, refusal: Refusal, *, openai_format: bool = False) -> None:
+    """Answer with the refusal's status and its one sentence: plain text, or OpenAI's error JSON
+    for the `/v1` API, whose clients read that."""
+    if openai_format:
+        body = error_json(refusal.status, refusal.message, code=refusal.code)
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        headers += [(name.encode(), value.encode()) for name, value in error_headers(refusal.status).items()]
+    else:
+        body = f"{refusal.message}\n".encode()
+        headers = [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", str(len(body)).encode())]
+        if refusal.status in (429, 503):
+            headers.append((b"retry-after", b"60"))
     await send({"type": "http.response.start", "status": refusal.status, "headers": headers})
     await send({"type": "http.response.body", "body": body, "more_body": False})
 

@@ -31,6 +31,15 @@ API_PREFIXES = (
 )
 
 
+# The OpenAI-compatible API: its own keys instead of the login, and OpenAI's error format.
+OPENAI_API = "/v1"
+OPENAI_CHAT_PATH = f"{OPENAI_API}/chat/completions"
+
+
+def is_openai_api(path: str) -> bool:
+    return path == OPENAI_API or path.startswith(f"{OPENAI_API}/")
+
+
 def is_hidden(path: str, *, show_api: bool) -> bool:
     """True for routes that answer 404 whoever asks."""
     if path.startswith(UNUSED_PREFIXES):
