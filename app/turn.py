@@ -70,9 +70,8 @@ def run_turn(engine: Engine, request: TurnRequest, *, cancel: threading.Event, o
             piece = stops.feed(chunk)
             if piece:
                 on_text(piece, stops.text)
-            if stops.hit:
+            if stops.hit:  # the engine stops at its next token; what it still sends is dropped
                 cancel.set()
-                break
     if not stops.hit and (rest := stops.flush()):
         on_text(rest, stops.text)
     stats = stream.stats
@@ -90,6 +89,8 @@ class StopSequences:
 
     def feed(self, chunk: str) -> str:
         """The part of ``chunk`` that is certainly reply text, given everything so far."""
+        if self.hit:
+            return ""
         if not self.stops:
             self.text += chunk
             return chunk
