@@ -59,12 +59,11 @@ def app_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
 
 @contextmanager
 def running_app(data_dir: Path, *args: str, env: Mapping[str, str] | None = None, name: str = "server",
-                timeout: float = 120) -> Iterator[RunningApp]:
-    """`launch.py --model tiny --device cpu --data-dir DATA_DIR ARGS...` until the block ends.
-
-    The server log is copied to test-artifacts/NAME.log afterwards.
+                timeout: float = 120, port: int | None = None) -> Iterator[RunningApp]:
+    """`launch.py --model tiny --device cpu --data-dir DATA_DIR ARGS...` until the block ends, on
+    `port` (default: a free one). The server log is copied to test-artifacts/NAME.log afterwards.
     """
-    port = free_port()
+    port = port or free_port()
     log = data_dir / f"{name}.log"
     data_dir.mkdir(parents=True, exist_ok=True)
     command: Sequence[str] = [sys.executable, "launch.py", "--model", "tiny", "--device", "cpu",
