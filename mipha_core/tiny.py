@@ -203,6 +203,14 @@ def _random_weights(
         yield name, tensor.to(dtype)
 
 
+def write_weights(
+    folder: Path, weights: Iterator[tuple[str, torch.Tensor]], *, max_shard_bytes: int = DEFAULT_SHARD_BYTES
+) -> None:
+    """Write named tensors as ``model.safetensors``, or as shards with an index past ``max_shard_bytes``,
+    holding one shard in memory at a time (``mipha_core.export_llava`` writes its checkpoint with it)."""
+    _write_weights(folder, weights, max_shard_bytes=max_shard_bytes)
+
+
 def _write_weights(folder: Path, weights: Iterator[tuple[str, torch.Tensor]], *, max_shard_bytes: int) -> None:
     """Write shards of at most ``max_shard_bytes``; several shards get an index file."""
     shards: list[dict[str, torch.Tensor]] = [{}]
