@@ -237,3 +237,37 @@ def test_precision_names_what_the_loader_will_use(argv, precision):
 def test_a_device_that_cannot_be_used_is_reported_as_asked_for():
     device, precision = startup_report.describe_hardware(parse(["--device", "cuda:99"]))
     assert device == "cuda:99 (cannot be used here: see the error in the log)" and precision == "auto"
+
+
+def test_api_keys_and_the_remote_engine_come_from_flags_or_environment_and_stay_secret(capsys):
+    key, other = "k" * 20, "z" * 24
+    env = {"MIPHA_API_KEYS": f"{key} {other}", "MIPHA_ENGINE_URL": "http://gpu:8000/v1",
+           "MIPHA_ENGINE_API_KEY": "engine-secret-value", "MIPHA_ENGINE_MODEL": "mipha-3b", "MIPHA_API_QUEUE": "4"}
+    s = parse([], **env)
+    assert [k.secret for k in s.api_keys] == [key, other] and s.api_queue == 4
+    assert (s.remote_engine.url, s.remote_engine.api_key, s.remote_engine.model) == (
+        "http://gpu:8000/v1", "engine-secret-value", "mipha-3b")
+    assert key not in repr(s) and "engine-secret-value" not in repr(s)
+    assert [k.secret for k in parse(["--api-key", "y" * 16], **env).api_keys] == ["y" * 16]
+    assert parse([]).api_keys == () and parse([]).remote_engine is None
+    launch.build_parser(env).print_help()
+    assert "engine-secret-value" not in capsys.readouterr().out  # --help shows no secret as a default
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--api-key", "short"], "at least 16 characters"),
+    (["--engine-url", "gpu-box:8000"], "must start with http"),
+])
+def test_bad_api_options_are_refused_with_the_reason(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        parse(argv)
+    error = capsys.readouterr().err
+    assert message in error and "short" not in error.split(message)[0].split(":")[-1]
+
+
+def test_the_api_names_a_local_model_folder_without_its_path():
+    from app.api import served_model_name
+
+    assert served_model_name(Settings(model="/home/ada/models/mipha-3b")) == "mipha-3b"
+    assert served_model_name(Settings(model="zhumj34/Mipha-3B")) == "zhumj34/Mipha-3B"
+    assert served_model_name(Settings(model="tiny")) == "mipha-tiny"
