@@ -199,6 +199,20 @@ def test_a_client_that_disconnects_stops_its_generation(api):
     assert result.finish_reason == "cancelled" and result.stats.completion_tokens < 1024
 
 
+def test_a_client_that_gives_up_on_a_whole_reply_stops_it_too(api):
+    wait_idle(api.services)
+    body = {"model": "mipha-tiny", "messages": [{"role": "user", "content": "Go on"}], "max_tokens": 1024,
+            "temperature": 0.8}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{api.url}v1/chat/completions", json=body, headers={"authorization": f"Bearer {KEY}"},
+                   timeout=httpx.Timeout(10, read=1.0))
+    job = [job for job in list(api.services.replies._jobs.values()) if job.key[1].startswith("api-")][-1]
+    deadline = time.monotonic() + 10
+    while not job.done and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert job.done and job.snapshot().outcome.finish_reason == "cancelled"
+
+
 def test_the_queue_refuses_with_429_when_full(api):
     """Concurrency 1 and room for one waiting call: a third call is refused, not queued."""
     wait_idle(api.services)
