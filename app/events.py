@@ -72,7 +72,8 @@ def owned(resolve: OwnerResolver, handler: Callable[..., PageView | None], *, re
 
 def owned_stream(resolve: OwnerResolver, handler: Callable[..., Iterator[PageView]], *,
                  render: Render) -> Callable[..., Iterator[Any]]:
-    """Like `owned`, for a generator handler (a streamed reply)."""
+    """Like `owned`, for a generator handler (a streamed reply). Any failure, the unexpected too,
+    ends in a notice and an idle page: an overlay would leave Send disabled and Stop lit."""
 
     def event(request: gr.Request, profile: gr.OAuthProfile | None, *values: Any) -> Iterator[Any]:
         try:
@@ -82,8 +83,12 @@ def owned_stream(resolve: OwnerResolver, handler: Callable[..., Iterator[PageVie
                 yield render(view)
             if not yielded:  # a generator that yields nothing would set every output to None
                 yield render(PageView())
-        except Exception as error:
-            yield render(PageView(notice=_notice_or_raise(error), busy=False))
+        except Exception as error:  # whatever failed, the composer is usable again afterwards
+            try:
+                notice = _notice_or_raise(error)
+            except gr.Error as raised:
+                notice = Notice(str(raised.message))
+            yield render(PageView(notice=notice, busy=False))
 
     return event
 
