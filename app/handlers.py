@@ -206,9 +206,14 @@ class Handlers:
         if image is not None and any(r.image_sha256 for r in earlier):
             notice = Notice("The model now looks at this photo. Earlier photos stay in the chat, "
                             "but it no longer sees them.", "info")
-        self._start_reply(engine, owner_id, conversation_id, params)
+        busy = True
+        try:
+            self._start_reply(engine, owner_id, conversation_id, params)
+        except Refused as refused:  # stored, but no reply started: show it stored, never leave it in the box too
+            busy = False
+            notice = Notice(f"{refused} Your question is saved: press Regenerate to have it answered.", "warning")
         return PageView(conversation_id=conversation_id, messages=self._show(records), composer="clear",
-                        editing=None, busy=True, notice=notice,
+                        editing=None, busy=busy, notice=notice,
                         conversations=self._conversations(owner_id, selected=conversation_id))
 
     def regenerate(self, owner_id: int | None, conversation_id: str | None,

@@ -409,3 +409,22 @@ def test_unanswered_questions_fold_into_the_next_turn():
     assert [m["role"] for m in messages] == ["user", "assistant", "user"]
     assert messages[0]["content"] == [{"type": "text", "text": "old"}]  # only the newest photo is sent
     assert messages[2]["content"] == [{"type": "image", "image": "b"}, {"type": "text", "text": "again?"}]
+
+
+def test_a_reply_that_cannot_start_leaves_the_question_stored_once_and_the_page_idle(app_services, monkeypatch):
+    """Another tab starts a reply between Send's check and its start (issue 14): the question is
+    shown stored, the box is emptied so it cannot be sent twice, Send is usable, and a notice says why."""
+    h = Handlers(app_services)
+    owner = new_visitor(h)
+    conversation, _ = ask(h, owner, "First question")
+    gate = threading.Event()
+    app_services.replies.start((owner, conversation), lambda job: gate.wait(10), notice_for=str)
+    monkeypatch.setattr(app_services.replies, "running", lambda key: False)  # the race: the check saw none
+    try:
+        view = send(h, owner, "Second question", conversation=conversation)
+    finally:
+        gate.set()
+    assert view.busy is False and view.composer == "clear"
+    assert "Regenerate" in view.notice.text and "still being written" in view.notice.text
+    questions = [r.text for r in stored(h, owner, conversation) if r.role is db.Role.USER]
+    assert questions == ["First question", "Second question"]
