@@ -77,7 +77,7 @@ class ModelSlot:
             )
             log.exception("Could not load %s", self._model)
         else:
-            log.info("Model %s ready on %s (%.1f s)", self._model, self._engine.device, self.elapsed)
+            log.info("Model ready: %s (%.1f s)", self._engine.label, self.elapsed)
         finally:
             self._done.set()
 
@@ -90,7 +90,7 @@ class ModelSlot:
 
     def status(self) -> ModelStatus:
         if self._engine is not None:
-            return ModelStatus(ModelState.READY, self._model, f"{self._engine.model_id} on {self._engine.device}")
+            return ModelStatus(ModelState.READY, self._model, self._engine.label)
         if self._error is not None:
             return ModelStatus(ModelState.FAILED, self._model, self._error)
         return ModelStatus(ModelState.LOADING, self._model, f"Loading {self._model}… ({self.elapsed:.0f} s)")
