@@ -36,6 +36,7 @@ from tests.app_process import app_env, free_port, wait_for_http
 
 HERE = Path(__file__).parent
 RESULTS = HERE / "results"
+log = logging.getLogger("bench.api_throughput")
 REPO = HERE.parent
 
 
@@ -158,7 +159,7 @@ def main() -> None:
                 time.sleep(2)
         runs = []
         for clients in args.clients:
-            logging.info("%d client(s) at once …", clients)
+            log.info("%d client(s) at once …", clients)
             runs.append(run_clients(base_url, keys, clients=clients, turns=args.turns, max_tokens=args.max_tokens))
     finally:
         server.terminate()

@@ -267,7 +267,7 @@ def test_a_remote_image_url_is_refused_and_never_fetched(api):
     fetched = []
 
     class Recorder(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802 - the standard library's name
+        def do_GET(self):
             fetched.append(self.path)
             self.send_response(200)
             self.end_headers()
