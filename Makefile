@@ -15,9 +15,10 @@ $(VENV)/.app-installed: requirements.txt | $(PY)
 	$(PY) -m pip install -r requirements.txt
 	touch $@
 
-$(VENV)/.test-installed: requirements.txt requirements-test.txt scripts/install-axe.sh | $(PY)
+$(VENV)/.test-installed: requirements.txt requirements-test.txt scripts/install-axe.sh scripts/install-postgres.sh | $(PY)
 	$(PY) -m pip install -r requirements-test.txt
 	bash scripts/install-chromium.sh
+	bash scripts/install-postgres.sh
 	bash scripts/install-axe.sh $(VENV)/axe-core
 	touch $@ $(VENV)/.app-installed
 

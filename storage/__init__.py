@@ -15,10 +15,17 @@ function takes ``owner_id``; another user's conversation raises the same
 ``ConversationNotFoundError`` as a missing one. All errors derive from
 ``StorageError`` and their message is written for the person using the app;
 a failing disk or database raises a ``StorageUnavailableError`` subclass
-(``StorageFullError``, ``StorageBusyError``, ``StorageReadOnlyError``), never
-the driver's error. ``open_storage`` locks the data directory for the life of
-the Storage and raises ``DataDirError`` subclasses (``DataDirInUseError``,
-``DataDirNotWritableError``), whose messages are for the operator.
+(``StorageFullError``, ``StorageBusyError``, ``StorageReadOnlyError``,
+``StorageUnreachableError``), never the driver's error. ``open_storage`` locks
+the data directory for the life of the Storage and raises ``DataDirError``
+subclasses (``DataDirInUseError``, ``DataDirNotWritableError``,
+``DatabaseUnreachableError``), whose messages are for the operator.
+
+SQLite (the default) admits one server per data directory. A PostgreSQL
+``database_url`` may be shared by several servers (replicas), each with its
+own data directory: photos then live in the database (each data directory
+caches them), and each replica's start-up interrupts only the replies of
+replicas that are gone (see ``storage.replicas`` and ``storage.photo_store``).
 
 A conversation is a tree of messages: ``add_user_message(..., edit_of=id)``
 adds a sibling of a question, ``regenerate_from`` readies a sibling reply,
@@ -49,6 +56,7 @@ from storage.conversations import (
 from storage.db import Storage
 from storage.errors import (
     ConversationNotFoundError,
+    DatabaseUnreachableError,
     DataDirError,
     DataDirInUseError,
     DataDirNotWritableError,
@@ -66,9 +74,10 @@ from storage.errors import (
     StorageFullError,
     StorageReadOnlyError,
     StorageUnavailableError,
+    StorageUnreachableError,
 )
 from storage.exporting import export_json, export_markdown
-from storage.images import get_image, image_path, save_image
+from storage.images import get_image, save_image
 from storage.importing import import_json
 from storage.messages import (
     add_user_message,
@@ -78,6 +87,7 @@ from storage.messages import (
     title_photo_conversation,
     update_assistant_message,
 )
+from storage.photo_store import cache_all_photos, image_path
 from storage.records import (
     ConversationRecord,
     ImageRecord,
@@ -100,6 +110,7 @@ __all__ = [
     "ConversationRecord",
     "DataDirError",
     "DataDirInUseError",
+    "DatabaseUnreachableError",
     "DataDirNotWritableError",
     "ImageNotFoundError",
     "ImageRecord",
@@ -125,9 +136,11 @@ __all__ = [
     "StorageLimits",
     "StorageReadOnlyError",
     "StorageUnavailableError",
+    "StorageUnreachableError",
     "UserKind",
     "UserRecord",
     "add_user_message",
+    "cache_all_photos",
     "create_conversation",
     "delete_conversation",
     "delete_messages_from",

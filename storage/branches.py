@@ -24,7 +24,7 @@ def regenerate_from(
     then adds a reply beside the earlier ones, which stay reachable with
     :func:`switch_branch`. Returns the active path, which now ends with the question.
     """
-    conversation = owned_conversation(session, owner_id=owner_id, conversation_id=conversation_id)
+    conversation = owned_conversation(session, owner_id=owner_id, conversation_id=conversation_id, for_update=True)
     question = Tree.load(session, conversation_id=conversation.id).node(question_id)
     if question.role is not Role.USER:
         raise InvalidInputError(
@@ -45,7 +45,7 @@ def switch_branch(
     so switching to an edited question shows the latest exchange after it.
     A message of another conversation (or owner) raises MessageNotFoundError.
     """
-    conversation = owned_conversation(session, owner_id=owner_id, conversation_id=conversation_id)
+    conversation = owned_conversation(session, owner_id=owner_id, conversation_id=conversation_id, for_update=True)
     tree = Tree.load(session, conversation_id=conversation.id)
     conversation.active_leaf_id = tree.newest_leaf_under(tree.node(message_id).id)
     session.flush()

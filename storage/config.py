@@ -41,13 +41,35 @@ class StorageConfig:
 
     ``data_dir`` holds the SQLite database (``mipha.sqlite3``) and the images
     (``images/``). ``database_url`` overrides the database location, e.g. a
-    PostgreSQL URL; images still live under ``data_dir``.
+    PostgreSQL URL (``postgresql+psycopg://user:password@host/db``). Any database
+    other than SQLite is *shared*: several servers (replicas), each with its own
+    data directory, may use it at once. Photo bytes then live in the database and
+    ``images/`` is this server's cache of them; see :attr:`is_shared`.
     """
 
     data_dir: Path
     database_url: str | None = None
     limits: StorageLimits = field(default_factory=StorageLimits)
     busy_timeout_ms: int = 15_000
+    """How long a write waits for a lock (SQLite's busy timeout, PostgreSQL's lock_timeout)."""
+    heartbeat_interval_s: float = 10.0
+    """Shared database: how often this replica says it is alive (and sweeps up after gone ones)."""
+    replica_timeout_s: float = 60.0
+    """Shared database: a replica silent this long is gone; its unfinished replies become interrupted."""
+    unattached_photo_grace_s: float = 3600.0
+    """Shared database: a photo no message uses is removed at start-up only once it is this old
+    (another replica may be about to attach it)."""
+
+    def __post_init__(self) -> None:
+        for name in ("busy_timeout_ms", "heartbeat_interval_s", "replica_timeout_s", "unattached_photo_grace_s"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or value <= 0:
+                raise ValueError(f"StorageConfig.{name} must be a positive number, got {value!r}")
+        if self.replica_timeout_s <= 2 * self.heartbeat_interval_s:
+            raise ValueError(
+                f"StorageConfig.replica_timeout_s ({self.replica_timeout_s}) must be more than twice "
+                f"heartbeat_interval_s ({self.heartbeat_interval_s}), or live replicas would look gone"
+            )
 
     @property
     def images_dir(self) -> Path:
@@ -58,3 +80,12 @@ class StorageConfig:
         if self.database_url:
             return self.database_url
         return f"sqlite:///{(self.data_dir / 'mipha.sqlite3').resolve()}"
+
+    @property
+    def is_shared(self) -> bool:
+        """True for a database other than SQLite: replicas may share it, photos live in it.
+
+        SQLite keeps the one-writer rule instead: one server per data directory
+        (and so per database), photos as files under the data directory.
+        """
+        return not self.resolved_database_url.startswith("sqlite")

@@ -3,6 +3,12 @@
 Every function takes ``owner_id`` and looks rows up by id *and* owner in one
 query, so someone else's conversation and a missing one take the same path
 and raise the same :class:`~storage.errors.ConversationNotFoundError`.
+
+Writers that read before they write (the message tree, the per-person count)
+first lock the row they depend on (``SELECT ... FOR UPDATE``): two servers on
+one PostgreSQL database then take turns on a conversation instead of both
+appending below the same message. SQLite needs no row locks (every write
+transaction holds the database's write lock) and SQLAlchemy leaves them out there.
 """
 
 from __future__ import annotations
@@ -18,9 +24,9 @@ from sqlalchemy.orm import Session
 
 from storage.config import StorageLimits
 from storage.errors import ConversationNotFoundError, InvalidInputError, LimitExceededError
-from storage.images import release_unused_images
 from storage.mapping import conversation_record, limits_of
-from storage.models import Conversation, Message, utcnow
+from storage.models import Conversation, Message, User, utcnow
+from storage.photo_store import release_unused_images
 from storage.records import ConversationRecord
 
 logger = logging.getLogger(__name__)
@@ -53,6 +59,7 @@ def create_conversation(
 ) -> ConversationRecord:
     """A new, empty conversation. Without a title, the first question becomes it."""
     limits = limits_of(session)
+    lock_owner(session, owner_id=owner_id)  # two servers must not both create the last one allowed
     count = count_conversations(session, owner_id=owner_id)
     if count >= limits.max_conversations_per_user:
         raise LimitExceededError(
@@ -129,7 +136,7 @@ def update_conversation_settings(
 
 def delete_conversation(session: Session, *, owner_id: int, conversation_id: str) -> None:
     """Delete a conversation and its messages; release images nothing else uses."""
-    row = owned_conversation(session, owner_id=owner_id, conversation_id=conversation_id)
+    row = owned_conversation(session, owner_id=owner_id, conversation_id=conversation_id, for_update=True)
     image_shas = set(
         session.scalars(
             select(Message.image_sha256)
@@ -143,18 +150,32 @@ def delete_conversation(session: Session, *, owner_id: int, conversation_id: str
     logger.info("deleted conversation %s", conversation_id)
 
 
-def owned_conversation(session: Session, *, owner_id: int, conversation_id: str) -> Conversation:
-    """The row, or ConversationNotFoundError whether it is missing or someone else's."""
+def owned_conversation(
+    session: Session, *, owner_id: int, conversation_id: str, for_update: bool = False
+) -> Conversation:
+    """The row, or ConversationNotFoundError whether it is missing or someone else's.
+
+    ``for_update`` locks the row until the transaction ends, for writers whose
+    changes depend on the conversation's messages as they read them: the next
+    such writer, in any process, waits and then reads what this one wrote.
+    Lock the conversation before any of its messages, so writers never wait on
+    each other in a circle.
+    """
     if not isinstance(conversation_id, str) or not _CONVERSATION_ID.fullmatch(conversation_id):
         raise ConversationNotFoundError(str(conversation_id)[:40])
-    row = session.scalars(
-        select(Conversation).where(
-            Conversation.id == conversation_id, Conversation.owner_id == owner_id
-        )
-    ).one_or_none()
+    statement = select(Conversation).where(Conversation.id == conversation_id, Conversation.owner_id == owner_id)
+    if for_update:
+        # populate_existing: a row this session loaded earlier is refreshed with what the lock saw.
+        statement = statement.with_for_update().execution_options(populate_existing=True)
+    row = session.scalars(statement).one_or_none()
     if row is None:
         raise ConversationNotFoundError(conversation_id)
     return row
+
+
+def lock_owner(session: Session, *, owner_id: int) -> None:
+    """Lock the user's row until the transaction ends (see the module docstring)."""
+    session.execute(select(User.id).where(User.id == owner_id).with_for_update())
 
 
 def count_conversations(session: Session, *, owner_id: int) -> int:

@@ -147,8 +147,17 @@ class StorageReadOnlyError(StorageUnavailableError):
     )
 
 
+class StorageUnreachableError(StorageUnavailableError):
+    """The database server cannot be reached (down, network, refused the connection)."""
+
+    default_message = (
+        "The server cannot reach its conversation database just now, so nothing can be loaded or saved. "
+        "Try again in a moment; if you run this server, check that the database is running and reachable."
+    )
+
+
 class DataDirError(StorageError):
-    """``open_storage`` cannot use the data directory.
+    """``open_storage`` cannot use the data directory (or the database it names).
 
     Unlike the other errors, the message is for the person starting the server
     (it is shown in the terminal): it names the directory and the way out.
@@ -178,6 +187,18 @@ class DataDirNotWritableError(DataDirError):
             "Make it writable (or free some disk space), or choose another --data-dir."
         )
         self.data_dir = data_dir
+        self.reason = reason
+
+
+class DatabaseUnreachableError(DataDirError):
+    """``open_storage`` could not connect to the database (``database_url``) to get it ready."""
+
+    def __init__(self, url: str, *, reason: str) -> None:
+        super().__init__(
+            f"Mipha Chat cannot reach its database {url} ({reason}). "
+            "Start the database, or check --database-url (MIPHA_DATABASE_URL)."
+        )
+        self.url = url
         self.reason = reason
 
 

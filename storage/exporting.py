@@ -21,8 +21,9 @@ from sqlalchemy.orm import Session
 
 from storage.conversations import get_conversation
 from storage.db import Storage
-from storage.images import get_image, image_path
+from storage.images import get_image
 from storage.messages import list_messages
+from storage.photo_store import image_path
 from storage.records import ImageRecord, MessageRecord, MessageStatus, Role
 
 EXPORT_FORMAT = "mipha-chat-conversation"
@@ -80,7 +81,7 @@ def _message_json(session: Session, storage: Storage, message: MessageRecord) ->
     image = None
     if message.image_sha256:
         record = get_image(session, sha256=message.image_sha256)
-        image = {"data_uri": _data_uri(storage, record), "width": record.width, "height": record.height}
+        image = {"data_uri": _data_uri(session, storage, record), "width": record.width, "height": record.height}
     return {
         "role": message.role.value,
         "text": message.text,
@@ -96,12 +97,12 @@ def _message_json(session: Session, storage: Storage, message: MessageRecord) ->
     }
 
 
-def _data_uri(storage: Storage, record: ImageRecord) -> str:
-    data = image_path(storage, record.sha256).read_bytes()
+def _data_uri(session: Session, storage: Storage, record: ImageRecord) -> str:
+    data = image_path(storage, record.sha256, session=session).read_bytes()
     return f"data:{record.mime_type};base64,{base64.b64encode(data).decode('ascii')}"
 
 
 def _markdown_image(session: Session, storage: Storage, sha256: str, *, embed: bool) -> str:
     if not embed:
         return f"_[photo {sha256[:12]}]_"
-    return f"![photo]({_data_uri(storage, get_image(session, sha256=sha256))})"
+    return f"![photo]({_data_uri(session, storage, get_image(session, sha256=sha256))})"

@@ -41,16 +41,11 @@ from storage.conversations import (
 from storage.db import Storage
 from storage.errors import InvalidImageError, InvalidImportError, InvalidInputError, LimitExceededError
 from storage.exporting import EXPORT_FORMAT, EXPORT_VERSION
-from storage.images import (
-    PreparedImage,
-    prepare_imported_image,
-    remove_image_files,
-    store_image_row,
-    write_image_file,
-)
+from storage.images import PreparedImage, prepare_imported_image
 from storage.mapping import conversation_record
 from storage.messages import MAX_FINISH_REASON_CHARS
 from storage.models import Conversation, Message
+from storage.photo_store import remove_image_files, store_image_row, write_image_file
 from storage.records import ConversationRecord, MessageStatus, Role
 
 logger = logging.getLogger(__name__)
@@ -97,7 +92,7 @@ def import_json(storage: Storage, *, owner_id: int, data: bytes | str) -> Conver
     try:
         with storage.session() as session:
             for image in images.values():  # each in a savepoint, so flushed before the messages
-                store_image_row(session, image)
+                store_image_row(session, image, keep_bytes=storage.photos_in_database)
             record = _insert(session, owner_id=owner_id, conversation=conversation, messages=messages)
     except BaseException:
         remove_image_files(storage.images_dir, written)

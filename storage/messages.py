@@ -4,6 +4,12 @@ Every function is scoped by owner: a message is found through its
 conversation, with the owner in the same query. New messages go below the
 conversation's active leaf (see :mod:`storage.tree`); :mod:`storage.branches`
 moves that leaf to regenerate a reply or to show another branch.
+
+Every change to a conversation's tree first locks the conversation's row
+(:func:`storage.conversations.owned_conversation` with ``for_update``), so
+writers in different processes sharing one PostgreSQL database take turns:
+each reads the tree as the previous one left it, so two questions sent at once
+follow one another instead of both answering the same message.
 """
 
 from __future__ import annotations
@@ -15,9 +21,9 @@ from sqlalchemy.orm import Session
 
 from storage.conversations import DEFAULT_TITLE, owned_conversation, title_from_text
 from storage.errors import ImageNotFoundError, InvalidInputError, LimitExceededError, MessageNotFoundError
-from storage.images import release_unused_images
 from storage.mapping import limits_of, message_record
 from storage.models import Conversation, Image, Message, utcnow
+from storage.photo_store import release_unused_images
 from storage.records import MessageRecord, MessageStatus, Role
 from storage.tree import Node, Tree, active_path, sibling_ids
 
@@ -45,7 +51,7 @@ def add_user_message(
     question and its branch stay, and :func:`storage.switch_branch` shows them
     again. The first root question of an untitled conversation becomes its title.
     """
-    conversation = owned_conversation(session, owner_id=owner_id, conversation_id=conversation_id)
+    conversation = owned_conversation(session, owner_id=owner_id, conversation_id=conversation_id, for_update=True)
     _check_question(session, text=text, image_sha256=image_sha256)
     tree = Tree.load(session, conversation_id=conversation.id)
     parent = _parent_of_new_question(tree, conversation, edit_of=edit_of)
@@ -71,12 +77,16 @@ def title_photo_conversation(session: Session, *, owner_id: int, conversation_id
     return True
 
 
-def start_assistant_message(session: Session, *, owner_id: int, conversation_id: str) -> MessageRecord:
+def start_assistant_message(
+    session: Session, *, owner_id: int, conversation_id: str, replica_id: str | None = None
+) -> MessageRecord:
     """Add an empty reply (status ``partial``) to the active leaf, which must be a question.
 
     The reply becomes the active leaf; grow it with update_assistant_message.
+    ``replica_id`` names the Storage streaming it (``storage.replica_id``), so
+    that another replica's start-up leaves it alone while that one lives.
     """
-    conversation = owned_conversation(session, owner_id=owner_id, conversation_id=conversation_id)
+    conversation = owned_conversation(session, owner_id=owner_id, conversation_id=conversation_id, for_update=True)
     tree = Tree.load(session, conversation_id=conversation.id)
     leaf = tree.leaf(conversation.active_leaf_id)
     if leaf is None or tree.nodes[leaf].role is not Role.USER:
@@ -84,7 +94,9 @@ def start_assistant_message(session: Session, *, owner_id: int, conversation_id:
             "There is no question waiting for a reply: the conversation is empty or already ends "
             "with a reply. Ask a question, or regenerate the reply to an earlier one."
         )
-    row = _add(session, conversation, tree, parent=tree.nodes[leaf], role=Role.ASSISTANT, text="")
+    row = _add(
+        session, conversation, tree, parent=tree.nodes[leaf], role=Role.ASSISTANT, text="", replica_id=replica_id
+    )
     return _record(session, row)
 
 
@@ -106,7 +118,7 @@ def update_assistant_message(
     check_message_text(session, text)
     if finish_reason is not None and len(finish_reason) > MAX_FINISH_REASON_CHARS:
         raise InvalidInputError(f"finish_reason is too long: {finish_reason[:40]!r}…")
-    row = _owned_message(session, owner_id=owner_id, message_id=message_id)
+    row = _owned_message(session, owner_id=owner_id, message_id=message_id, lock_conversation=True)
     if row.role != Role.ASSISTANT:
         raise InvalidInputError(f"Message {message_id} is a question, not a reply; it cannot be updated.")
     now = utcnow()
@@ -148,7 +160,7 @@ def delete_messages_from(
     to the newest message left). Returns how many messages were deleted;
     photos no other message uses are released.
     """
-    conversation = owned_conversation(session, owner_id=owner_id, conversation_id=conversation_id)
+    conversation = owned_conversation(session, owner_id=owner_id, conversation_id=conversation_id, for_update=True)
     if type(position) is not int or position < 0:
         raise InvalidInputError(f"A message position is a depth of 0 or more, got {position!r:.40}.")
     tree = Tree.load(session, conversation_id=conversation.id)
@@ -171,10 +183,11 @@ def delete_messages_from(
 
 
 def mark_interrupted_replies(session: Session) -> int:
-    """Mark replies left ``partial`` by a stopped process as ``interrupted``.
+    """Mark every reply left ``partial`` as ``interrupted``.
 
-    Run at start-up only: at that moment no reply can still be streaming in
-    this process. Returns how many replies were marked.
+    For SQLite's start-up only: one server per database, so at that moment no
+    reply can still be streaming. (A shared database sweeps per replica, see
+    :mod:`storage.replicas`.) Returns how many replies were marked.
     """
     result = session.execute(
         update(Message)
@@ -203,7 +216,13 @@ def _check_question(session: Session, *, text: str, image_sha256: str | None) ->
     check_message_text(session, text)
     if not text.strip() and image_sha256 is None:
         raise InvalidInputError("A message needs some text or a photo.")
-    if image_sha256 is not None and session.get(Image, image_sha256) is None:
+    if image_sha256 is None:
+        return
+    if not isinstance(image_sha256, str):
+        raise ImageNotFoundError(str(image_sha256)[:64])
+    # FOR SHARE: the photo's row stays until this message is stored (see release_unused_images).
+    found = session.scalar(select(Image.sha256).where(Image.sha256 == image_sha256).with_for_update(read=True))
+    if found is None:
         raise ImageNotFoundError(image_sha256)
 
 
@@ -229,6 +248,7 @@ def _add(
     role: Role,
     text: str,
     image_sha256: str | None = None,
+    replica_id: str | None = None,
 ) -> Message:
     """Insert a message below ``parent`` and make it the active leaf."""
     limit = limits_of(session).max_messages_per_conversation
@@ -249,6 +269,7 @@ def _add(
         text=text,
         image_sha256=image_sha256,
         status=(MessageStatus.COMPLETE if role is Role.USER else MessageStatus.PARTIAL).value,
+        replica_id=replica_id,
         created_at=now,
         updated_at=now,
     )
@@ -262,11 +283,25 @@ def _record(session: Session, row: Message) -> MessageRecord:
     return message_record(row, sibling_ids=sibling_ids(session, row))
 
 
-def _owned_message(session: Session, *, owner_id: int, message_id: int) -> Message:
+def _owned_message(session: Session, *, owner_id: int, message_id: int, lock_conversation: bool = False) -> Message:
+    """The message, found through its conversation and owner; MessageNotFoundError otherwise.
+
+    ``lock_conversation`` locks the conversation first, then reads the message
+    as the last writer left it (the conversation before its messages: the
+    order every writer locks in).
+    """
+    if lock_conversation:
+        session.execute(
+            select(Conversation.id)
+            .join(Message, Message.conversation_id == Conversation.id)
+            .where(Message.id == message_id, Conversation.owner_id == owner_id)
+            .with_for_update(of=Conversation)
+        )
     row = session.scalars(
         select(Message)
         .join(Conversation, Message.conversation_id == Conversation.id)
         .where(Message.id == message_id, Conversation.owner_id == owner_id)
+        .execution_options(populate_existing=lock_conversation)
     ).one_or_none()
     if row is None:
         raise MessageNotFoundError(message_id)

@@ -8,6 +8,11 @@ prescribes for schema changes: batch mode copies a table, drops the original
 and renames the copy, and with foreign keys on, dropping the original would
 delete (ON DELETE CASCADE) the rows that refer to it. Every reference is
 checked before the migration commits.
+
+On PostgreSQL the whole upgrade is one transaction that first takes a
+database-wide advisory lock (:mod:`storage.advisory`): replicas starting at
+the same moment on an empty database migrate one after the other, and the
+later ones find the schema at head instead of racing to create it.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ from pathlib import Path
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Connection, Engine
+
+from storage.advisory import MIGRATIONS, hold_database_lock
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +67,7 @@ def _migrate(engine: Engine, step: Callable[[Config], None]) -> None:
     config = alembic_config(engine)
     with engine.connect() as connection, _sqlite_foreign_keys_off(connection):
         with connection.begin():
+            hold_database_lock(connection, MIGRATIONS, wait_without_limit=True)
             config.attributes["connection"] = connection
             step(config)
             _check_references(connection)

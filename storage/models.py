@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, ForeignKey, Index, MetaData, String, Text, UniqueConstraint
+from sqlalchemy import JSON, DateTime, ForeignKey, Index, LargeBinary, MetaData, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 # Named constraints so future migrations can alter them (SQLite batch mode needs names).
@@ -79,6 +79,38 @@ class Image(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
+class ImageBlob(Base):
+    """A photo's bytes, kept in the database when replicas share it (added in 0004).
+
+    Written in the same transaction as the ``images`` row and deleted with it. On
+    SQLite (one server per data directory) photos are files and this table stays empty.
+    """
+
+    __tablename__ = "image_blobs"
+
+    sha256: Mapped[str] = mapped_column(ForeignKey("images.sha256", ondelete="CASCADE"), primary_key=True)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class Replica(Base):
+    """A server process using a shared database, with the heartbeat that says it is alive (added in 0004).
+
+    Replies name the replica streaming them, so that a replica starting up marks
+    ``interrupted`` only the replies of replicas that are gone.
+    """
+
+    __tablename__ = "replicas"
+
+    # Random (uuid4 hex), new for every open_storage.
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    # Host name and data directory: a later replica with the same home is this one restarted.
+    home: Mapped[str] = mapped_column(String(600))
+    pid: Mapped[int]
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # The database's clock, so replicas on machines whose clocks differ still agree.
+    heartbeat_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
 class Message(Base):
     __tablename__ = "messages"
     __table_args__ = (
@@ -104,6 +136,10 @@ class Message(Base):
         ForeignKey("images.sha256", ondelete="RESTRICT")
     )
     status: Mapped[str] = mapped_column(String(16))
+    # The replica that streams (or streamed) this reply; None for questions and
+    # for replies written before 0004. No foreign key: replica rows go when
+    # replicas do, and the id then still says whose reply it was.
+    replica_id: Mapped[str | None] = mapped_column(String(32))
     finish_reason: Mapped[str | None] = mapped_column(String(32))
     prompt_tokens: Mapped[int | None]
     completion_tokens: Mapped[int | None]

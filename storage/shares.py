@@ -30,9 +30,9 @@ from storage.errors import (
     ShareNotFoundError,
     ShareRevokedError,
 )
-from storage.images import image_path
 from storage.mapping import conversation_record, share_record
 from storage.models import Conversation, Share, utcnow
+from storage.photo_store import image_path
 from storage.records import SharedConversation, ShareRecord
 from storage.tree import active_path
 
@@ -102,7 +102,7 @@ def shared_image_path(session: Session, *, storage: Storage, token: str, sha256:
         raise ImageNotFoundError(str(sha256)[:64]) from e
     if not isinstance(sha256, str) or sha256 not in {m.image_sha256 for m in shown.messages}:
         raise ImageNotFoundError(str(sha256)[:64])
-    return image_path(storage, sha256)
+    return image_path(storage, sha256, session=session)
 
 
 def _active_share(session: Session, *, conversation_id: str) -> Share | None:

@@ -93,7 +93,9 @@ class ReplyWriter:
         question (see :func:`storage.start_assistant_message`).
         """
         with storage.session() as session:
-            message = start_assistant_message(session, owner_id=owner_id, conversation_id=conversation_id)
+            message = start_assistant_message(
+                session, owner_id=owner_id, conversation_id=conversation_id, replica_id=storage.replica_id
+            )
         return cls(
             storage,
             owner_id=owner_id,

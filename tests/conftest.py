@@ -9,6 +9,8 @@ import pytest
 
 from tests.app_process import ARTIFACTS, running_app
 
+pytest_plugins = ("tests.postgres_fixtures",)  # a throwaway PostgreSQL server, a database per test
+
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

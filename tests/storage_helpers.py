@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import random
 import selectors
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 from PIL import Image, PngImagePlugin
 
 from storage import (
@@ -21,6 +23,7 @@ from storage import (
     MessageRecord,
     MessageStatus,
     Storage,
+    StorageConfig,
     UserRecord,
     add_user_message,
     create_conversation,
@@ -33,6 +36,15 @@ from storage import (
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+BACKENDS = ("sqlite", "postgresql")
+"""What the ``backend`` fixture (tests/storage_fixtures.py) runs each storage test on."""
+sqlite_only = pytest.mark.parametrize("backend", ["sqlite"])
+"""A test of SQLite's own behaviour (its file, its pragmas, its one-writer rule)."""
+postgresql_only = pytest.mark.parametrize("backend", ["postgresql"])
+"""A test of what only a shared (PostgreSQL) database does."""
+Configure = Callable[..., StorageConfig]
+"""The ``storage_config`` fixture: ``storage_config(**options)`` for this test's data dir and backend."""
 
 
 def make_user(storage: Storage, name: str) -> UserRecord:
@@ -111,11 +123,13 @@ class ReplyChild:
 
 
 @contextmanager
-def reply_child(data_dir: Path) -> Iterator[ReplyChild]:
-    """Start the child on ``data_dir`` and wait until its partial reply is stored; kill it on the way out."""
+def reply_child(data_dir: Path, *, database_url: str | None = None) -> Iterator[ReplyChild]:
+    """Start the child on ``data_dir`` (and ``database_url``, else SQLite there) and wait until its
+    partial reply is stored; kill it on the way out."""
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     child = subprocess.Popen(
-        [sys.executable, str(REPO_ROOT / "tests" / "storage_reply_child.py"), str(data_dir)],
+        [sys.executable, str(REPO_ROOT / "tests" / "storage_reply_child.py"), str(data_dir),
+         *([database_url] if database_url else [])],
         cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
@@ -131,6 +145,52 @@ def reply_child(data_dir: Path) -> Iterator[ReplyChild]:
             child.kill()
             child.wait(timeout=10)
         child.stdout.close(), child.stderr.close()
+
+
+@dataclass(frozen=True)
+class ChildResult:
+    """What one tests/storage_replica_child.py reported: its exit status, JSON result and stderr."""
+
+    returncode: int
+    result: dict | None
+    stderr: str
+
+
+def run_replica_children(commands: list[list[str]], *, timeout: float = 120) -> list[ChildResult]:
+    """Start one tests/storage_replica_child.py per command, let them all go at once, collect what they say.
+
+    Each child imports storage and says READY first; only when every one has, all are told
+    to go, so their work (migrating, writing) really overlaps.
+    """
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    script = str(REPO_ROOT / "tests" / "storage_replica_child.py")
+    children = [
+        subprocess.Popen([sys.executable, script, *command], cwd=REPO_ROOT, env=env, text=True,
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for command in commands
+    ]
+    try:
+        for child in children:
+            with selectors.DefaultSelector() as selector:
+                selector.register(child.stdout, selectors.EVENT_READ)
+                assert selector.select(timeout=timeout), "a child did not report READY"
+            line = child.stdout.readline()
+            assert line == "READY\n", (line, child.stderr.read() if child.poll() is not None else "")
+        for child in children:
+            child.stdin.write("go\n")
+            child.stdin.flush()
+        results = []
+        for child in children:
+            out, err = child.communicate(timeout=timeout)
+            lines = out.strip().splitlines()
+            reported = json.loads(lines[-1]) if lines and lines[-1].startswith("{") else None
+            results.append(ChildResult(child.returncode, reported, err))
+        return results
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.kill()
+                child.wait(timeout=10)
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Child process for the SIGKILL test: starts a reply, persists part of it, then waits to be killed.
 
-Usage: python tests/storage_reply_child.py DATA_DIR
+Usage: python tests/storage_reply_child.py DATA_DIR [DATABASE_URL]
 Writes "READY <owner_id> <conversation_id> <message_id>" on stdout once the partial text is stored.
 """
 
@@ -15,8 +15,8 @@ import storage as st
 PARTIAL_TEXT = "The bird in this photo is a European robin, "
 
 
-def main(data_dir: Path) -> None:
-    opened = st.open_storage(st.StorageConfig(data_dir=data_dir))
+def main(data_dir: Path, database_url: str | None) -> None:
+    opened = st.open_storage(st.StorageConfig(data_dir=data_dir, database_url=database_url))
     with opened.session() as session:
         user = st.user_for_oauth(session, username="child")
         conversation = st.create_conversation(session, owner_id=user.id)
@@ -35,4 +35,4 @@ def main(data_dir: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else None)

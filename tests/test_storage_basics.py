@@ -1,4 +1,4 @@
-"""Opening a data directory: migrations, SQLite settings, users, import hygiene."""
+"""Opening a data directory: migrations, database settings, users, import hygiene (both backends)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from sqlalchemy import create_engine, inspect, text
 
 import storage as st
 from storage.models import Base, User
-from tests.storage_helpers import make_user
+from tests.storage_helpers import Configure, make_user, postgresql_only, sqlite_only
 
-pytest_plugins = ("tests.storage_fixtures",)  # the data_dir and storage fixtures
+pytest_plugins = ("tests.storage_fixtures",)  # the backend, data_dir and storage fixtures
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,7 +23,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 def test_importing_storage_does_not_import_torch_or_gradio() -> None:
     code = (
         "import sys, storage\n"
-        "heavy = sorted(m for m in ('torch', 'gradio', 'transformers', 'mipha_core', 'app') if m in sys.modules)\n"
+        "heavy = sorted(m for m in ('torch', 'gradio', 'transformers', 'mipha_core', 'app', 'psycopg')\n"
+        "               if m in sys.modules)\n"
         "assert not heavy, heavy\n"
     )
     subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, check=True, timeout=60)
@@ -38,11 +39,11 @@ def test_migrated_database_matches_the_models(storage: st.Storage) -> None:
 
 def test_schema_is_created_by_alembic_not_create_all(storage: st.Storage) -> None:
     tables = set(inspect(storage.engine).get_table_names())
-    assert {"alembic_version", "users", "conversations", "messages", "images"} <= tables
+    assert {"alembic_version", "users", "conversations", "messages", "images", "image_blobs", "replicas"} <= tables
 
 
-def test_reopening_is_idempotent(data_dir: Path) -> None:
-    config = st.StorageConfig(data_dir=data_dir)
+def test_reopening_is_idempotent(storage_config: Configure) -> None:
+    config = storage_config()
     first = st.open_storage(config)
     user = make_user(first, "ana")
     first.close()
@@ -51,11 +52,18 @@ def test_reopening_is_idempotent(data_dir: Path) -> None:
     second.close()
 
 
+@sqlite_only
 def test_sqlite_runs_with_wal_foreign_keys_and_busy_timeout(storage: st.Storage) -> None:
     with storage.engine.connect() as connection:
         assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
         assert connection.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
         assert connection.exec_driver_sql("PRAGMA busy_timeout").scalar() == 15_000
+
+
+@postgresql_only
+def test_postgresql_waits_for_locks_as_long_as_sqlite_does(storage: st.Storage) -> None:
+    with storage.engine.connect() as connection:
+        assert connection.exec_driver_sql("SHOW lock_timeout").scalar() == "15s"
 
 
 def test_database_url_overrides_the_default_location(tmp_path: Path) -> None:
@@ -78,8 +86,10 @@ def test_browser_secret_is_stored_only_as_a_hash(storage: st.Storage) -> None:
     assert user == again and other.id != user.id
     assert user.kind is st.UserKind.ANONYMOUS and user.name is None
     assert secret not in identity and len(identity) == 64
-    raw = (storage.config.data_dir / "mipha.sqlite3").read_bytes()
-    assert secret.encode() not in raw
+    with storage.engine.connect() as connection:
+        assert connection.execute(text("SELECT count(*) FROM users WHERE identity = :s"), {"s": secret}).scalar() == 0
+    if not storage.config.is_shared:
+        assert secret.encode() not in (storage.config.data_dir / "mipha.sqlite3").read_bytes()
 
 
 def test_user_kinds_are_separate_identities(storage: st.Storage) -> None:

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
-from sqlalchemy import event
+from sqlalchemy import event, text
 
 import storage as st
-from tests.storage_helpers import Chat, make_user
+from tests.storage_helpers import Chat, Configure, make_user
 
-pytest_plugins = ("tests.storage_fixtures",)  # the data_dir and storage fixtures
+pytest_plugins = ("tests.storage_fixtures",)  # the backend, data_dir, storage_config and storage fixtures
 
 
 @pytest.fixture
@@ -184,9 +183,9 @@ def test_deleting_from_a_depth_removes_only_that_branch(chat: Chat) -> None:
         st.delete_messages_from(session, owner_id=chat.owner.id, conversation_id=chat.conversation.id, position=-1)
 
 
-def test_the_message_limit_counts_every_branch(data_dir: Path) -> None:
+def test_the_message_limit_counts_every_branch(storage_config: Configure) -> None:
     opened = st.open_storage(
-        st.StorageConfig(data_dir=data_dir, limits=st.StorageLimits(max_messages_per_conversation=3))
+        storage_config(limits=st.StorageLimits(max_messages_per_conversation=3))
     )
     chat = Chat.start(opened, make_user(opened, "ana"))
     question = chat.ask("What bird is this?")
@@ -213,7 +212,7 @@ def test_export_writes_the_active_path_and_import_makes_it_one_branch(storage: s
     assert [m.text for m in path] == ["What tree is this?", "An oak."]
     assert [m.parent_id for m in path] == [None, path[0].id]
     with storage.engine.connect() as connection:
-        leaf = connection.exec_driver_sql(
-            "SELECT active_leaf_id FROM conversations WHERE id = ?", (imported.conversation.id,)
+        leaf = connection.execute(
+            text("SELECT active_leaf_id FROM conversations WHERE id = :id"), {"id": imported.conversation.id}
         ).scalar()
     assert leaf == path[-1].id

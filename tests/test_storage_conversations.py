@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 import storage as st
-from tests.storage_helpers import make_conversation, make_user
+from tests.storage_helpers import Configure, make_conversation, make_user
 
-pytest_plugins = ("tests.storage_fixtures",)  # the data_dir and storage fixtures
+pytest_plugins = ("tests.storage_fixtures",)  # the backend, data_dir, storage_config and storage fixtures
 
 
 @pytest.fixture
@@ -173,8 +171,8 @@ def test_regenerate_deletes_the_last_reply(storage) -> None:
     assert again.position == reply.position and positions == [0, 1]
 
 
-def test_conversation_count_limit(data_dir: Path) -> None:
-    opened = st.open_storage(st.StorageConfig(data_dir=data_dir, limits=st.StorageLimits(max_conversations_per_user=2)))
+def test_conversation_count_limit(storage_config: Configure) -> None:
+    opened = st.open_storage(storage_config(limits=st.StorageLimits(max_conversations_per_user=2)))
     user, other = make_user(opened, "ana"), make_user(opened, "bob")
     make_conversation(opened, user), make_conversation(opened, user)
     with pytest.raises(st.LimitExceededError, match="Delete some old ones") as error:
@@ -184,9 +182,9 @@ def test_conversation_count_limit(data_dir: Path) -> None:
     opened.close()
 
 
-def test_message_length_and_count_limits(data_dir: Path) -> None:
+def test_message_length_and_count_limits(storage_config: Configure) -> None:
     limits = st.StorageLimits(max_message_chars=100, max_messages_per_conversation=3)
-    opened = st.open_storage(st.StorageConfig(data_dir=data_dir, limits=limits))
+    opened = st.open_storage(storage_config(limits=limits))
     user = make_user(opened, "ana")
     conversation = make_conversation(opened, user)
     with opened.session() as session, pytest.raises(st.LimitExceededError, match="limit is 100"):

@@ -15,6 +15,7 @@ from PIL import Image
 
 import storage as st
 from tests.storage_helpers import (
+    Configure,
     jpeg_bytes,
     make_conversation,
     make_user,
@@ -23,7 +24,7 @@ from tests.storage_helpers import (
     png_with_metadata,
 )
 
-pytest_plugins = ("tests.storage_fixtures",)  # the data_dir and storage fixtures
+pytest_plugins = ("tests.storage_fixtures",)  # the backend, data_dir, storage_config and storage fixtures
 
 
 @pytest.fixture
@@ -190,8 +191,8 @@ def test_import_error_names_the_field(storage: st.Storage, exported) -> None:
     assert "Nothing was changed" in str(error.value)
 
 
-def test_import_respects_the_conversation_limit(data_dir: Path) -> None:
-    opened = st.open_storage(st.StorageConfig(data_dir=data_dir, limits=st.StorageLimits(max_conversations_per_user=1)))
+def test_import_respects_the_conversation_limit(storage_config: Configure) -> None:
+    opened = st.open_storage(storage_config(limits=st.StorageLimits(max_conversations_per_user=1)))
     user = make_user(opened, "ana")
     conversation = make_conversation(opened, user)
     with opened.session() as session:
@@ -201,8 +202,8 @@ def test_import_respects_the_conversation_limit(data_dir: Path) -> None:
     opened.close()
 
 
-def test_oversized_import_file_is_refused_before_parsing(data_dir: Path) -> None:
-    opened = st.open_storage(st.StorageConfig(data_dir=data_dir, limits=st.StorageLimits(max_import_bytes=1_000)))
+def test_oversized_import_file_is_refused_before_parsing(storage_config: Configure) -> None:
+    opened = st.open_storage(storage_config(limits=st.StorageLimits(max_import_bytes=1_000)))
     user = make_user(opened, "ana")
     with pytest.raises(st.LimitExceededError) as error:
         st.import_json(opened, owner_id=user.id, data=b" " * 1_001)

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import io
-from pathlib import Path
 
 import pytest
 from PIL import Image
+from sqlalchemy import text
 
 import storage as st
 from storage.image_markers import is_clean_jpeg, is_clean_png
@@ -14,6 +14,7 @@ from tests.storage_helpers import (
     GPS_IFD,
     MAKE,
     ORIENTATION,
+    Configure,
     jpeg_bytes,
     make_conversation,
     make_user,
@@ -23,7 +24,7 @@ from tests.storage_helpers import (
     textured_image,
 )
 
-pytest_plugins = ("tests.storage_fixtures",)  # the data_dir and storage fixtures
+pytest_plugins = ("tests.storage_fixtures",)  # the backend, data_dir, storage_config and storage fixtures
 
 
 def phone_photo(*, latitude: float = 52.37) -> bytes:
@@ -71,6 +72,15 @@ def test_the_same_photo_is_stored_once(storage: st.Storage) -> None:
     assert not list(storage.images_dir.rglob(".tmp-*"))
 
 
+def test_photo_bytes_are_files_on_sqlite_and_in_the_database_when_shared(storage: st.Storage) -> None:
+    record = st.save_image(storage, png_bytes())
+    path = st.image_path(storage, record.sha256)
+    assert path.is_relative_to(storage.images_dir) and path.stat().st_size == record.size_bytes
+    with storage.engine.connect() as connection:
+        kept = connection.execute(text("SELECT sha256 FROM image_blobs")).scalars().all()
+    assert kept == ([record.sha256] if storage.config.is_shared else [])  # PostgreSQL: every replica reads them
+
+
 def test_deleting_a_conversation_releases_images_no_one_else_uses(storage: st.Storage) -> None:
     user = make_user(storage, "ana")
     shared, alone = st.save_image(storage, jpeg_bytes(color="green")), st.save_image(storage, png_bytes())
@@ -102,13 +112,13 @@ def test_a_rolled_back_delete_keeps_the_files(storage: st.Storage) -> None:
         assert st.get_image(session, sha256=image.sha256) == image
 
 
-def test_startup_removes_unattached_images_and_stray_files(data_dir: Path) -> None:
-    config = st.StorageConfig(data_dir=data_dir)
+def test_startup_removes_unattached_images_and_stray_files(storage_config: Configure) -> None:
+    config = storage_config(unattached_photo_grace_s=0.001)  # a shared database waits that long for a send
     opened = st.open_storage(config)
     user = make_user(opened, "ana")
     kept, orphan = st.save_image(opened, png_bytes()), st.save_image(opened, jpeg_bytes())
     attach(opened, user, make_conversation(opened, user), kept.sha256)
-    stray = data_dir / "images" / "ab" / ".tmp-crashed.part"
+    stray = config.images_dir / "ab" / ".tmp-crashed.part"
     stray.parent.mkdir(exist_ok=True)
     stray.write_bytes(b"half a photo")
     opened.close()
@@ -126,9 +136,9 @@ def test_image_path_accepts_only_sha256_names(storage: st.Storage, name: str) ->
         st.image_path(storage, name)
 
 
-def test_image_limits(data_dir: Path) -> None:
+def test_image_limits(storage_config: Configure) -> None:
     limits = st.StorageLimits(max_image_bytes=50_000, max_image_pixels=10_000)
-    opened = st.open_storage(st.StorageConfig(data_dir=data_dir, limits=limits))
+    opened = st.open_storage(storage_config(limits=limits))
     with pytest.raises(st.LimitExceededError, match="MB") as too_big:
         st.save_image(opened, b"\xff" * 50_001)
     assert too_big.value.limit_name == "max_image_bytes"

@@ -10,7 +10,7 @@ import pytest
 import storage as st
 from tests.storage_helpers import Chat, jpeg_bytes, make_user, png_bytes
 
-pytest_plugins = ("tests.storage_fixtures",)  # the data_dir and storage fixtures
+pytest_plugins = ("tests.storage_fixtures",)  # the backend, data_dir, storage_config and storage fixtures
 
 NOT_FOUND = "This shared link does not exist. Check the address, or ask the person who shared it for a new link."
 TURNED_OFF = "The owner turned this shared link off. Ask them for a new link if you should still see it."

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 
 import pytest
 
 import storage as st
-from tests.storage_helpers import ask, make_conversation, make_user, reply_child
+from tests.storage_helpers import Configure, ask, make_conversation, make_user, reply_child
 
-pytest_plugins = ("tests.storage_fixtures",)  # the data_dir and storage fixtures
+pytest_plugins = ("tests.storage_fixtures",)  # the backend, data_dir, storage_config and storage fixtures
 
 
 class FakeClock:
@@ -74,8 +73,8 @@ def test_a_reply_left_by_an_exception_is_marked(storage: st.Storage, error: type
     assert (reply.status, reply.text) == (status, "half a thou")
 
 
-def test_a_reply_that_grows_past_the_limit_is_stopped(data_dir: Path) -> None:
-    opened = st.open_storage(st.StorageConfig(data_dir=data_dir, limits=st.StorageLimits(max_message_chars=10)))
+def test_a_reply_that_grows_past_the_limit_is_stopped(storage_config: Configure) -> None:
+    opened = st.open_storage(storage_config(limits=st.StorageLimits(max_message_chars=10)))
     user = make_user(opened, "ana")
     conversation = make_conversation(opened, user)
     ask(opened, user, conversation, "Why?")
@@ -90,11 +89,12 @@ def test_a_reply_that_grows_past_the_limit_is_stopped(data_dir: Path) -> None:
 
 
 @pytest.mark.timeout(60)
-def test_reply_killed_with_sigkill_is_shown_as_interrupted_after_restart(data_dir: Path) -> None:
-    with reply_child(data_dir) as child:
+def test_reply_killed_with_sigkill_is_shown_as_interrupted_after_restart(storage_config: Configure) -> None:
+    config = storage_config()
+    with reply_child(config.data_dir, database_url=config.database_url) as child:
         child.kill()
 
-    reopened = st.open_storage(st.StorageConfig(data_dir=data_dir))
+    reopened = st.open_storage(config)  # on a shared database: the same server restarted (same data dir)
     with reopened.session() as session:
         messages = st.list_messages(session, owner_id=child.owner_id, conversation_id=child.conversation_id)
     reopened.close()

@@ -16,6 +16,12 @@ from tests.storage_helpers import ask, make_conversation, make_user, png_bytes, 
 pytest_plugins = ("tests.storage_fixtures",)  # the data_dir and storage fixtures
 
 
+@pytest.fixture
+def backend() -> str:
+    """SQLite only: the data directory's lock guards SQLite's one-writer rule."""
+    return "sqlite"
+
+
 def reply_status(data_dir: Path, message_id: int) -> str:
     """Read the database directly, without opening (and so without recovering) the data directory."""
     with sqlite3.connect(f"file:{data_dir / 'mipha.sqlite3'}?mode=ro", uri=True) as connection:

@@ -28,6 +28,13 @@ from tests.storage_helpers import REPO_ROOT, ask, make_conversation, make_user, 
 
 pytest_plugins = ("tests.storage_fixtures",)  # the data_dir and storage fixtures
 
+
+@pytest.fixture
+def backend() -> str:
+    """SQLite only: faults are injected into SQLite's file and lock."""
+    return "sqlite"
+
+
 LEAKS = ("sqlite", "SELECT", "INSERT", "UPDATE", "BEGIN", "/", "Error", "Errno", "Traceback", "mipha.sqlite3")
 
 
