@@ -1,6 +1,6 @@
 # Two entry points, each doing all set-up on a fresh machine:
 #   make run    create .venv, install the app, start it (ARGS="--model tiny" etc.)
-#   make test   create .venv, install the app and test tools (Chromium, axe-core) and run the tests
+#   make test   create .venv, install the app and test tools (Chromium, axe-core, PostgreSQL) and run the tests
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
