@@ -10,29 +10,32 @@ Nothing here imports a UI or a database. Typical use::
     reply.stats.finish_reason                          # "stop", "length" or "cancelled"
 """
 
-from mipha_core.caching import CacheKey
-from mipha_core.engine import CacheSettings, Engine
-from mipha_core.errors import (
-    ContextOverflowError,
-    ImageError,
-    ImageTooLargeError,
-    InvalidImageError,
-    InvalidMessagesError,
-    MiphaError,
-    ModelLoadError,
-    UnsupportedModelError,
-)
-from mipha_core.fitting import MIN_REPLY_TOKENS, PreparedPrompt, PromptFitter
-from mipha_core.generation import TEMPERATURE_RANGE, TOP_P_RANGE, GenerationParams, InvalidGenerationParamsError
-from mipha_core.images import load_image
-from mipha_core.loading import DEFAULT_MODEL, TINY_MODEL, load_engine, load_remote_engine
-from mipha_core.remote import RemoteEngine, RemoteEngineError, RemoteReply, RemoteServer
-from mipha_core.streaming import GenerationOutOfMemoryError, ReplyStats, ReplyStream
+import importlib
 
-__all__ = [
-    "DEFAULT_MODEL", "MIN_REPLY_TOKENS", "TINY_MODEL", "CacheKey", "CacheSettings", "ContextOverflowError", "Engine", "GenerationOutOfMemoryError",
-    "GenerationParams", "ImageError", "ImageTooLargeError", "InvalidGenerationParamsError", "InvalidImageError",
-    "InvalidMessagesError", "MiphaError", "ModelLoadError", "PreparedPrompt", "PromptFitter", "RemoteEngine",
-    "RemoteEngineError", "RemoteReply", "RemoteServer", "ReplyStats", "ReplyStream",
-    "TEMPERATURE_RANGE", "TOP_P_RANGE", "UnsupportedModelError", "load_engine", "load_image", "load_remote_engine",
-]
+_HOMES = {
+    "caching": ["CacheKey"],
+    "engine": ["CacheSettings", "Engine"],
+    "errors": ["ContextOverflowError", "ImageError", "ImageTooLargeError", "InvalidImageError", "InvalidMessagesError",
+               "MiphaError", "ModelLoadError", "UnsupportedModelError"],
+    "fitting": ["MIN_REPLY_TOKENS", "PreparedPrompt", "PromptFitter"],
+    "generation": ["TEMPERATURE_RANGE", "TOP_P_RANGE", "GenerationParams", "InvalidGenerationParamsError"],
+    "images": ["load_image"],
+    "loading": ["DEFAULT_MODEL", "TINY_MODEL", "load_engine", "load_remote_engine"],
+    "remote": ["RemoteEngine", "RemoteEngineError", "RemoteReply", "RemoteServer"],
+    "streaming": ["GenerationOutOfMemoryError", "ReplyStats", "ReplyStream"],
+}
+_MODULE_OF = {name: module for module, names in _HOMES.items() for name in names}
+
+
+def __getattr__(name: str) -> object:
+    """Names are imported on first use, so that ``mipha_core.images`` (the photo pipeline, used by
+    storage too) can be imported without torch."""
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module 'mipha_core' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"mipha_core.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+__all__ = sorted(_MODULE_OF)

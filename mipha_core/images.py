@@ -81,7 +81,8 @@ def _check_pixel_count(image: Image.Image, max_pixels: int) -> None:
 def to_rgb(image: Image.Image) -> Image.Image:
     """``image`` itself when it is RGB, otherwise an RGB copy converted a band of rows at a time.
 
-    Transparency is composited on white; 16- and 32-bit grayscale is scaled, not clipped.
+    Transparency is composited on white; 16- and 32-bit grayscale is scaled, not clipped. This is
+    the one conversion to 8-bit RGB: storage's stored copy and the model's input both use it.
     """
     if image.mode == "RGB":
         return image
@@ -117,11 +118,15 @@ def _composite_on_white(band: Image.Image) -> Image.Image:
 
 
 def _gray_scale(image: Image.Image) -> float:
-    """16-bit and 32-bit grayscale hold values up to 65535; float images in [0, 1] are scaled by 255."""
-    if image.mode != "F":
-        return 255.0 / 65535.0
-    peak = np.max([np.asarray(band).max(initial=0) for _, band in image_bands(image)])
-    return 255.0 if peak <= 1.0 else 255.0 / 65535.0
+    """The factor that brings the mode's real range to 0-255: 16-bit values (and 32-bit ones that fit)
+    by 255/65535, float images in [0, 1] by 255; wider values by their peak, never clipped to white."""
+    if not image.mode.startswith("I;16"):
+        peak = float(np.max([np.asarray(band).max(initial=0) for _, band in image_bands(image)]))
+        if image.mode == "F" and peak <= 1.0:
+            return 255.0
+        if peak > 65535.0 or (image.mode == "F" and peak > 0):
+            return 255.0 / peak
+    return 255.0 / 65535.0
 
 
 def _eight_bit_gray(band: Image.Image, scale: float) -> Image.Image:

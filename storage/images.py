@@ -27,6 +27,7 @@ from PIL import Image as PILImage
 from PIL import ImageOps, UnidentifiedImageError
 from sqlalchemy.orm import Session
 
+from mipha_core.images import to_rgb
 from storage.config import StorageLimits
 from storage.errors import ImageNotFoundError, InvalidImageError, LimitExceededError
 from storage.image_markers import is_clean_jpeg, is_clean_png
@@ -160,12 +161,12 @@ def _encode_clean(image: PILImage.Image, *, source_format: str) -> PreparedImage
     image.info = {}
     if source_format in _LOSSY_SOURCES:
         out_format = "JPEG"
-        image = image.convert("RGB")
+        image = to_rgb(image)
         options = {"quality": JPEG_QUALITY, "optimize": True}
     else:
         out_format = "PNG"
-        if image.mode not in _PNG_MODES:
-            image = image.convert("RGBA" if "A" in image.getbands() else "RGB")
+        if image.mode not in _PNG_MODES:  # 16-bit and float photos are scaled to 8 bits, not clipped to white
+            image = image.convert("RGBA") if "A" in image.getbands() else to_rgb(image)
         options = {"optimize": False}
     buffer = io.BytesIO()
     image.save(buffer, format=out_format, **options)

@@ -209,3 +209,45 @@ def encoded(format: str, **options: object) -> bytes:
 )
 def test_only_files_holding_nothing_but_the_picture_count_as_clean(data: bytes, clean: bool) -> None:
     assert (is_clean_jpeg(data) or is_clean_png(data)) is clean
+
+
+def test_a_16_bit_gradient_png_is_stored_with_its_gradient(storage: st.Storage) -> None:
+    """Issue 14: a 16-bit grayscale PNG (scanners, raw converters) was clipped to 8 bits and stored white."""
+    import numpy as np
+
+    ramp = np.tile(np.linspace(0, 65535, 256).astype(np.uint16), (8, 1))
+    source = io.BytesIO()
+    Image.fromarray(ramp).save(source, "PNG")
+    record = st.save_image(storage, source.getvalue())
+    with Image.open(st.image_path(storage, record.sha256)) as stored:
+        assert stored.mode == "RGB"
+        row = np.asarray(stored)[4, :, 0].astype(int)
+    assert row[0] == 0 and row[-1] == 255 and abs(int(row[128]) - 128) <= 1
+    assert np.all(np.diff(row) >= 0) and len(set(row.tolist())) > 200
+
+
+def png_48_bit_gradient(width: int = 256, height: int = 4) -> bytes:
+    """A 16-bit-per-channel RGB PNG (a red ramp), written by hand: Pillow has no mode to save one."""
+    import struct
+    import zlib
+
+    import numpy as np
+
+    ramp = np.linspace(0, 65535, width).astype(">u2")
+    pixel_row = np.stack([ramp, np.zeros_like(ramp), np.zeros_like(ramp)], axis=1).tobytes()
+    raw = b"".join(b"\0" + pixel_row for _ in range(height))
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+
+
+def test_a_48_bit_rgb_png_is_stored_with_its_gradient(storage: st.Storage) -> None:
+    import numpy as np
+
+    record = st.save_image(storage, png_48_bit_gradient())
+    with Image.open(st.image_path(storage, record.sha256)) as stored:
+        row = np.asarray(stored.convert("RGB"))[1, :, 0].astype(int)
+    assert row[0] == 0 and row[-1] == 255 and abs(int(row[128]) - 128) <= 1 and np.all(np.diff(row) >= 0)

@@ -100,6 +100,29 @@ def test_grayscale_cmyk_and_16_bit_convert():
     assert value == (156, 156, 156)
 
 
+def gradient_16_bit(width: int = 256, height: int = 8) -> Image.Image:
+    """A scanner-style 16-bit grayscale ramp from black to white."""
+    return Image.fromarray(np.tile(np.linspace(0, 65535, width).astype(np.uint16), (height, 1)))
+
+
+def test_a_16_bit_gradient_keeps_its_gradient():
+    """Clipped to 8 bits, all but the darkest 0.4 % of the ramp turned white (issue 14)."""
+    row = np.asarray(load_image(encoded(gradient_16_bit(), "PNG")))[4, :, 0].astype(int)
+    assert row[0] == 0 and row[-1] == 255
+    assert np.all(np.diff(row) >= 0) and len(set(row.tolist())) > 200
+    assert abs(int(row[128]) - 128) <= 1
+
+
+@pytest.mark.parametrize(("values", "middle"), [
+    (np.linspace(0, 1, 256, dtype=np.float32), 128),  # float in [0, 1]
+    (np.linspace(0, 4000, 256, dtype=np.float32), 128),  # float beyond 1: scaled by its peak
+    (np.linspace(0, 200_000, 256).astype(np.int32), 128),  # 32-bit integers beyond 16 bits
+])
+def test_float_and_32_bit_photos_are_scaled_by_their_range(values, middle):
+    row = np.asarray(to_rgb(Image.fromarray(np.tile(values, (4, 1)))))[1, :, 0].astype(int)
+    assert row[-1] == 255 and abs(int(row[128]) - middle) <= 1
+
+
 def test_animation_gives_its_first_frame():
     frames = [Image.new("RGB", (16, 16), colour) for colour in [(255, 0, 0), (0, 0, 255)]]
     data = encoded(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=100)
@@ -140,7 +163,11 @@ def converted_at_once(image: Image.Image) -> Image.Image:
     """The conversion as it was written before it worked in bands: the reference it must match."""
     if image.mode.startswith("I;16") or image.mode in {"I", "F"}:
         values = np.asarray(image, dtype=np.float64)
-        scale = 255.0 if image.mode == "F" and values.max(initial=0) <= 1.0 else 255.0 / 65535.0
+        peak = values.max(initial=0)
+        if image.mode == "F":
+            scale = 255.0 if peak <= 1.0 else 255.0 / peak
+        else:
+            scale = 255.0 / peak if image.mode == "I" and peak > 65535 else 255.0 / 65535.0
         image = Image.fromarray(np.clip(values * scale, 0, 255).round().astype(np.uint8))
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
