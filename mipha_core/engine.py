@@ -15,7 +15,7 @@ from transformers import LogitsProcessorList, PreTrainedTokenizerBase, StoppingC
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from mipha_core.caching import ByteBoundedLRU, CacheKey, PrefixKVCache, image_key
-from mipha_core.fitting import MIN_REPLY_TOKENS, PreparedPrompt, PromptFitter
+from mipha_core.fitting import MIN_REPLY_TOKENS, FittedEngine, PreparedPrompt, PromptFitter
 from mipha_core.generation import CancelCriteria, CountingTextStreamer, GenerationParams, SeededChoice
 from mipha_core.modeling import MiphaForConditionalGeneration
 from mipha_core.preprocessing import ImagePreprocessor
@@ -36,7 +36,7 @@ class CacheSettings:
     """About 35 photos' projected features in bf16 (729 x 2560 values each)."""
 
 
-class Engine:
+class Engine(FittedEngine):
     """A loaded Mipha model, its tokenizer and preprocessor; the conversation rules are
     ``PromptFitter``'s (which turns fit, the reply budget, one image per prompt)."""
 
@@ -73,14 +73,6 @@ class Engine:
         return self.model.dtype
 
     @property
-    def context_length(self) -> int:
-        return self.fitter.context_length
-
-    @property
-    def image_tokens(self) -> int:
-        return self.fitter.image_tokens
-
-    @property
     def label(self) -> str:
         """What runs, for a person: e.g. "zhumj34/Mipha-3B · bfloat16 · cpu"."""
         return f"{self.model_id} · {str(self.dtype).removeprefix('torch.')} · {self.device}"
@@ -94,22 +86,6 @@ class Engine:
         if prepared.image is not None:
             inputs["pixel_values"] = self._pixel_values(prepared.image)
         return inputs
-
-    def prepare(
-        self,
-        messages: Sequence[dict[str, Any]],
-        *,
-        max_new_tokens: int,
-        min_new_tokens: int = MIN_REPLY_TOKENS,
-    ) -> PreparedPrompt:
-        """Fit ``messages`` into the context window; tokenizing only, the image is not touched.
-
-        Cheap enough to check a question before storing it. Older turns are dropped (see
-        ``PromptFitter``) until the reply has ``max_new_tokens`` of room. If the newest turn alone
-        leaves less, the reply gets what is left, down to ``min_new_tokens`` (or ``max_new_tokens``
-        if smaller); below that ``ContextOverflowError`` says how much the question is too long.
-        """
-        return self.fitter.prepare(messages, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens)
 
     def stream(
         self,

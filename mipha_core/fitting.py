@@ -133,6 +133,31 @@ class PromptFitter:
         )
 
 
+class FittedEngine:
+    """What every engine shares: its ``fitter`` decides which turns fit, before any generation."""
+
+    fitter: PromptFitter
+
+    @property
+    def context_length(self) -> int:
+        return self.fitter.context_length
+
+    @property
+    def image_tokens(self) -> int:
+        return self.fitter.image_tokens
+
+    def prepare(self, messages: Sequence[dict[str, Any]], *, max_new_tokens: int,
+                min_new_tokens: int = MIN_REPLY_TOKENS) -> PreparedPrompt:
+        """Fit ``messages`` into the context window; tokenizing only, the image is not touched.
+
+        Cheap enough to check a question before storing it. Older turns are dropped (see
+        ``PromptFitter``) until the reply has ``max_new_tokens`` of room. If the newest turn alone
+        leaves less, the reply gets what is left, down to ``min_new_tokens`` (or ``max_new_tokens``
+        if smaller); below that ``ContextOverflowError`` says how much the question is too long.
+        """
+        return self.fitter.prepare(messages, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens)
+
+
 def _turn_to_drop(kept: list[int], image_turn: int | None) -> int:
     """The oldest kept turn before the newest, the one carrying the image only when no other is left."""
     older = kept[:-1]

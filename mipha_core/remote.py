@@ -27,10 +27,10 @@ from PIL import Image
 from mipha_core.caching import CacheKey
 from mipha_core.conversation import Turn
 from mipha_core.errors import MiphaError
-from mipha_core.fitting import MIN_REPLY_TOKENS, PreparedPrompt, PromptFitter
+from mipha_core.fitting import MIN_REPLY_TOKENS, FittedEngine, PreparedPrompt, PromptFitter
 from mipha_core.generation import GenerationParams
 from mipha_core.preprocessing import ImagePreprocessor
-from mipha_core.streaming import FinishReason, ReplyStats
+from mipha_core.streaming import FinishReason, ReplyStats, StreamedReply
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ class RemoteServer:
         return urlsplit(self.url).netloc or self.url
 
 
-class RemoteEngine:
+class RemoteEngine(FittedEngine):
     """The ``Engine`` interface (prepare / stream / forget) over an OpenAI-compatible server."""
 
     def __init__(self, *, server: RemoteServer, fitter: PromptFitter, preprocessor: ImagePreprocessor,
@@ -75,25 +75,12 @@ class RemoteEngine:
         self._lock = threading.Lock()
 
     @property
-    def context_length(self) -> int:
-        return self.fitter.context_length
-
-    @property
-    def image_tokens(self) -> int:
-        return self.fitter.image_tokens
-
-    @property
     def device(self) -> str:
         return f"remote {self.server.host}"
 
     @property
     def label(self) -> str:
         return f"{self._served_model or self.model_id} · remote · {self.server.host}"
-
-    def prepare(self, messages: Sequence[dict[str, Any]], *, max_new_tokens: int,
-                min_new_tokens: int = MIN_REPLY_TOKENS) -> PreparedPrompt:
-        """Fit ``messages`` as the local engine does (see ``PromptFitter``)."""
-        return self.fitter.prepare(messages, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens)
 
     def model_image(self, image: Image.Image) -> Image.Image:
         return self.preprocessor.model_image(image)
@@ -153,7 +140,7 @@ class RemoteEngine:
             return self._served_model
 
 
-class RemoteReply:
+class RemoteReply(StreamedReply):
     """One reply streamed from the server: iterate for text, read ``stats`` afterwards.
 
     Behaves as ``ReplyStream`` does: setting ``cancel`` or leaving the loop early ends the
@@ -168,23 +155,7 @@ class RemoteReply:
         self.dropped_turns = prepared.dropped_turns
         self.reused_tokens = 0
         self.max_new_tokens = prepared.max_new_tokens
-        self._stats: ReplyStats | None = None
         self._iterator = self._generate()
-
-    def __iter__(self) -> Iterator[str]:
-        return self._iterator
-
-    def __next__(self) -> str:
-        return next(self._iterator)
-
-    @property
-    def stats(self) -> ReplyStats:
-        if self._stats is None:
-            raise RuntimeError("RemoteReply.stats is available once the stream has been read to its end")
-        return self._stats
-
-    def text(self) -> str:
-        return "".join(self)
 
     def _generate(self) -> Iterator[str]:
         started = time.perf_counter()

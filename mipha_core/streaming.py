@@ -49,7 +49,41 @@ class ReplyStats:
         return (self.completion_tokens - 1) / decode_time if decode_time > 0 else None
 
 
-class ReplyStream:
+class StreamedReply:
+    """What a reply from any engine offers: iterate it for text, read ``stats`` once it has ended.
+
+    ``cancel`` ends it early; ``prompt_tokens``, ``max_new_tokens`` (the reply budget granted),
+    ``dropped_turns`` and ``reused_tokens`` are known before iteration starts. Subclasses set
+    ``_iterator`` to their generator and ``_stats`` when it ends.
+    """
+
+    cancel: threading.Event
+    prompt_tokens: int
+    dropped_turns: int
+    reused_tokens: int
+    max_new_tokens: int
+    _iterator: Iterator[str]
+    _stats: ReplyStats | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        return self._iterator
+
+    def __next__(self) -> str:
+        return next(self._iterator)
+
+    @property
+    def stats(self) -> ReplyStats:
+        """Figures for the finished reply; raises if the reply has not been read to its end."""
+        if self._stats is None:
+            raise RuntimeError(f"{type(self).__name__}.stats is available once the stream has been read to its end")
+        return self._stats
+
+    def text(self) -> str:
+        """Read the whole reply and return it."""
+        return "".join(self)
+
+
+class ReplyStream(StreamedReply):
     """Iterate for the reply's text; read ``stats`` afterwards.
 
     Generation runs on a worker thread started by the first ``next()``. Setting ``cancel``
@@ -82,25 +116,7 @@ class ReplyStream:
         self._end_token_id = end_token_id
         self._error: BaseException | None = None
         self._last_token: int | None = None
-        self._stats: ReplyStats | None = None
         self._iterator = self._generate()
-
-    def __iter__(self) -> Iterator[str]:
-        return self._iterator
-
-    def __next__(self) -> str:
-        return next(self._iterator)
-
-    @property
-    def stats(self) -> ReplyStats:
-        """Figures for the finished reply; raises if the reply has not been read to its end."""
-        if self._stats is None:
-            raise RuntimeError("ReplyStream.stats is available once the stream has been read to its end")
-        return self._stats
-
-    def text(self) -> str:
-        """Read the whole reply and return it."""
-        return "".join(self)
 
     def _generate(self) -> Iterator[str]:
         started = time.perf_counter()

@@ -12,6 +12,7 @@ import io
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import httpx
 import openai
@@ -20,7 +21,7 @@ from PIL import Image
 
 import launch
 from app.api import api_routes
-from app.settings import ApiKey, Credential
+from app.settings import ApiKey, Credential, Settings
 from app.web import stored_photo_lookup
 from tests.app_process import free_port
 
@@ -46,20 +47,16 @@ class Launched:
         self.client = openai.OpenAI(base_url=f"{url}v1", api_key=KEY, max_retries=0, timeout=60)
 
 
-@pytest.fixture(scope="module")
-def api(tmp_path_factory, app_tiny_engine) -> Iterator[Launched]:
+@contextmanager
+def launched(settings, engine) -> Iterator[Launched]:
+    """The app launched in this process as `launch.py` launches it, on a real SQLite file."""
     from app.model_slot import ModelSlot
     from app.services import Services
-    from app.settings import Settings
     from app.ui import build_app
     from storage import StorageConfig, open_storage
 
-    data_dir = tmp_path_factory.mktemp("api-data")
-    settings = Settings(model="tiny", data_dir=data_dir, port=free_port(), auth=(Credential("alice", "pw"),),
-                        api_keys=(ApiKey(KEY, label="key 1"), ApiKey(OTHER_KEY, label="key 2")),
-                        max_new_tokens=1024, api_queue=1, max_upload_mb=1)
-    storage = open_storage(StorageConfig(data_dir=data_dir))
-    services = Services(settings=settings, storage=storage, model=ModelSlot.ready(app_tiny_engine))
+    storage = open_storage(StorageConfig(data_dir=settings.data_dir))
+    services = Services(settings=settings, storage=storage, model=ModelSlot.ready(engine))
     demo = build_app(services)
     _, url, _ = demo.launch(prevent_thread_lock=True, **launch.launch_options(
         settings, photo_exists=stored_photo_lookup(storage), routes=api_routes(services)))
@@ -69,6 +66,16 @@ def api(tmp_path_factory, app_tiny_engine) -> Iterator[Launched]:
         demo.close()
         services.replies.close()
         storage.close()
+
+
+@pytest.fixture(scope="module")
+def api(tmp_path_factory, app_tiny_engine) -> Iterator[Launched]:
+    settings = Settings(model="tiny", data_dir=tmp_path_factory.mktemp("api-data"), port=free_port(),
+                        auth=(Credential("alice", "pw"),),
+                        api_keys=(ApiKey(KEY, label="key 1"), ApiKey(OTHER_KEY, label="key 2")),
+                        max_new_tokens=1024, api_queue=1, max_upload_mb=1)
+    with launched(settings, app_tiny_engine) as app:
+        yield app
 
 
 def wait_idle(services, timeout: float = 30) -> None:
@@ -337,24 +344,8 @@ def test_the_api_needs_no_login_cookie_but_the_page_still_does(api):
 
 
 def test_without_keys_the_api_is_not_there(tmp_path, app_tiny_engine):
-    from app.model_slot import ModelSlot
-    from app.services import Services
-    from app.settings import Settings
-    from app.ui import build_app
-    from storage import StorageConfig, open_storage
-
-    settings = Settings(model="tiny", data_dir=tmp_path, port=free_port())
-    storage = open_storage(StorageConfig(data_dir=tmp_path))
-    services = Services(settings=settings, storage=storage, model=ModelSlot.ready(app_tiny_engine))
-    demo = build_app(services)
-    _, url, _ = demo.launch(prevent_thread_lock=True, **launch.launch_options(
-        settings, photo_exists=stored_photo_lookup(storage), routes=api_routes(services)))
-    try:
-        for path in ("v1/models", "v1/chat/completions"):
-            response = httpx.request("GET" if path.endswith("models") else "POST", f"{url}{path}",
-                                     headers={"authorization": f"Bearer {KEY}"}, timeout=10)
+    with launched(Settings(model="tiny", data_dir=tmp_path, port=free_port()), app_tiny_engine) as app:
+        for method, path in (("GET", "v1/models"), ("POST", "v1/chat/completions")):
+            response = httpx.request(method, f"{app.url}{path}", headers={"authorization": f"Bearer {KEY}"},
+                                     timeout=10)
             assert response.status_code == 404
-    finally:
-        demo.close()
-        services.replies.close()
-        storage.close()
