@@ -62,6 +62,7 @@ def photo_uri(client: int) -> str:
 
 def converse(base_url: str, key: str, client: int, *, turns: int, max_tokens: int) -> list[Turn]:
     api = openai.OpenAI(base_url=base_url, api_key=key, max_retries=0, timeout=1800)
+    model = api.models.list().data[0].id
     messages: list[dict] = []
     figures = []
     for index in range(turns):
@@ -73,7 +74,7 @@ def converse(base_url: str, key: str, client: int, *, turns: int, max_tokens: in
         started = time.perf_counter()
         first = None
         text, usage = "", None
-        for chunk in api.chat.completions.create(model="bench", messages=messages, max_tokens=max_tokens,
+        for chunk in api.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens,
                                                  temperature=0, stream=True, stream_options={"include_usage": True}):
             if chunk.choices and chunk.choices[0].delta.content:
                 first = first or time.perf_counter()
@@ -150,7 +151,8 @@ def main() -> None:
         probe = openai.OpenAI(base_url=base_url, api_key=keys[0], max_retries=0, timeout=1800)
         while True:  # the page comes up before the weights: wait until the model answers
             try:
-                probe.chat.completions.create(model="bench", messages=[{"role": "user", "content": "warm up"}],
+                probe.chat.completions.create(model=probe.models.list().data[0].id,
+                                              messages=[{"role": "user", "content": "warm up"}],
                                               max_tokens=2)
                 break
             except openai.APIStatusError as e:
