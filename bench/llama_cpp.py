@@ -1,0 +1,211 @@
+"""llama.cpp as the peer in our benchmark: the same language model, the same CPU, the same run.
+
+    python -m bench.llama_cpp                              # bf16, int8 and int4, ours and llama.cpp
+    python -m bench.llama_cpp --precisions int4 --skip-ours
+
+Opt-in (not part of ``make test``), and long: the first run downloads llama.cpp's source (the
+``llama-cpp-python`` sdist on PyPI vendors it) and builds ``llama-bench`` and ``llama-quantize``
+(Release, CPU backend, ``GGML_NATIVE``) under bench/.cache/llama.cpp, converts the language model
+of the bench's random full-size Mipha-3B (``bench.chat_latency.build_checkpoint``) to a BF16 GGUF
+and quantizes it to Q8_0 and Q4_K_M; all of that is cached (see ``llama_cpp_build`` and
+``llama_cpp_models``). Every run then measures, per precision:
+
+- ours: ``bench.chat_latency``'s worker for one first turn with the photo (its naive and engine
+  modes both read the whole prompt, so two samples), each precision in a fresh process. Prompt
+  tok/s = prompt positions / (time to first token − vision time); decode tok/s after the first
+  token of each 32-token reply. Medians.
+- llama.cpp: ``llama-bench -t THREADS -r REPS -o json``, once for the prompt (as many positions as
+  ours reads: ``-p N -n 0``) and once for 32-token decodes after a prompt of that length and from
+  an empty context (``-p 0 -n 32 -d N,0``); the table uses the first, which is what our reply does.
+  Medians of its samples.
+
+bf16 runs against BF16, int8 (``--load-8bit``) against Q8_0 and int4 (``--load-4bit``) against
+Q4_K_M. Prints a table and writes JSON to bench/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.chat_latency import CHECKPOINT, RESULTS, build_checkpoint, machine
+from bench.llama_cpp_build import BenchError, LlamaCpp, ensure_llama_cpp, existing_llama_cpp
+from bench.llama_cpp_models import gguf_models
+from bench.memory import read_bandwidth
+
+logger = logging.getLogger(__name__)
+
+HERE = Path(__file__).parent
+PROMPT_POSITIONS = 771
+"""Positions of the bench's first turn (729 for the photo, 42 of text) when this was written; used
+for llama.cpp only with --skip-ours, otherwise ours says how many it read."""
+CPU_FLAGS = ("avx", "avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16",
+             "amx_tile", "amx_int8", "amx_bf16")
+
+
+@dataclass(frozen=True)
+class Precision:
+    ours: str
+    """The ``bench.chat_latency`` configuration."""
+    gguf: str
+    """The llama.cpp file type it is compared with."""
+
+
+PRECISIONS = {
+    "bf16": Precision(ours="bf16", gguf="BF16"),
+    "int8": Precision(ours="8bit", gguf="Q8_0"),
+    "int4": Precision(ours="4bit", gguf="Q4_K_M"),
+}
+
+
+def run_ours(precision: Precision, *, checkpoint: Path, turns: int, reply_tokens: int) -> dict:
+    """``bench.chat_latency``'s worker in a fresh process, plus the medians the table needs."""
+    command = [sys.executable, "-m", "bench.chat_latency", "--worker", precision.ours, "--checkpoint", str(checkpoint),
+               "--turns", str(turns), "--reply-tokens", str(reply_tokens)]
+    result = subprocess.run(command, stdout=subprocess.PIPE, text=True, cwd=HERE.parent)  # its log goes to ours
+    if result.returncode != 0:
+        raise BenchError(f"our engine failed in {precision.ours} (exit code {result.returncode}); its log is above")
+    raw = json.loads(result.stdout.strip().splitlines()[-1])
+    first_turns = [turns[0] for turns in raw["turns"].values()]
+    replies = [turn for turns in raw["turns"].values() for turn in turns if turn["decode_tokens_per_second"]]
+    return {
+        "prompt_positions": first_turns[0]["prompt_tokens"],
+        "prompt_tokens_per_second": statistics.median(
+            turn["prompt_tokens"] / (turn["first_token_seconds"] - turn["vision_seconds"]) for turn in first_turns),
+        "decode_tokens_per_second": statistics.median(turn["decode_tokens_per_second"] for turn in replies),
+        "chat_latency": raw,
+    }
+
+
+def run_llama_bench(llama: LlamaCpp, model: Path, *, prompt_tokens: int, reply_tokens: int, threads: int,
+                    repetitions: int) -> dict:
+    """Prompt speed at ``prompt_tokens`` positions; decode speed after such a prompt and from empty."""
+    common = ["-m", str(model), "-t", str(threads), "-r", str(repetitions), "-o", "json"]
+    prompt = _llama_bench(llama, [*common, "-p", str(prompt_tokens), "-n", "0"])
+    decode = _llama_bench(llama, [*common, "-p", "0", "-n", str(reply_tokens), "-d", f"{prompt_tokens},0"])
+    after_prompt = next(test for test in decode if test["n_depth"] == prompt_tokens)
+    from_empty = next(test for test in decode if test["n_depth"] == 0)
+    return {
+        "prompt_tokens_per_second": statistics.median(prompt[0]["samples_ts"]),
+        "decode_tokens_per_second": statistics.median(after_prompt["samples_ts"]),
+        "decode_tokens_per_second_from_empty": statistics.median(from_empty["samples_ts"]),
+        "llama_bench": prompt + decode,
+    }
+
+
+def _llama_bench(llama: LlamaCpp, arguments: list[str]) -> list[dict]:
+    command = [str(llama.tool("llama-bench")), *arguments]
+    logger.info("%s", " ".join(command))
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        logger.error("llama-bench said:\n%s", "\n".join(result.stderr.strip().splitlines()[-20:]))
+        raise BenchError(f"llama-bench failed (exit code {result.returncode}); its output is logged above")
+    return json.loads(result.stdout)
+
+
+def cpu_flags() -> list[str]:
+    """The CPU features that decide these kernels' speed, as /proc/cpuinfo names them."""
+    cpuinfo = Path("/proc/cpuinfo")
+    flags = set(next((line.split(":", 1)[1].split() for line in cpuinfo.read_text().splitlines()
+                      if line.startswith("flags")), [])) if cpuinfo.is_file() else set()
+    return [flag for flag in CPU_FLAGS if flag in flags]
+
+
+def table(rows: dict[str, dict]) -> str:
+    header = (f"{'precision':9} {'GGUF':9} {'ours prompt tok/s':>17} {'llama.cpp prompt tok/s':>22} "
+              f"{'ours decode tok/s':>17} {'llama.cpp decode tok/s':>22} {'decode ratio':>12} {'(llama.cpp from empty)':>22}")
+    lines = [header, "-" * len(header)]
+    for name, row in rows.items():
+        ours, peer = row.get("ours"), row.get("llama_cpp")
+        cells = [
+            _cell(ours and ours["prompt_tokens_per_second"], 17), _cell(peer and peer["prompt_tokens_per_second"], 22),
+            _cell(ours and ours["decode_tokens_per_second"], 17), _cell(peer and peer["decode_tokens_per_second"], 22),
+            f"{ours['decode_tokens_per_second'] / peer['decode_tokens_per_second']:12.2f}" if ours and peer else f"{'-':>12}",
+            _cell(peer and peer["decode_tokens_per_second_from_empty"], 22),
+        ]
+        lines.append(f"{name:9} {PRECISIONS[name].gguf:9} " + " ".join(cells))
+    return "\n".join(lines)
+
+
+def _cell(value: float | None, width: int) -> str:
+    return f"{value:{width}.2f}" if value is not None else f"{'-':>{width}}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--precisions", nargs="+", choices=list(PRECISIONS), default=list(PRECISIONS))
+    parser.add_argument("--skip-ours", action="store_true", help="measure llama.cpp only")
+    parser.add_argument("--skip-llama-cpp", action="store_true", help="measure ours only (no build either)")
+    parser.add_argument("--skip-build", action="store_true", help="use the cached llama.cpp build; fail if there is none")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="llama.cpp threads (ours: torch's default)")
+    parser.add_argument("--repetitions", type=int, default=3, help="llama-bench -r")
+    parser.add_argument("--turns", type=int, default=1, help="turns per conversation for ours (1: only the first turn)")
+    parser.add_argument("--reply-tokens", type=int, default=32)
+    parser.add_argument("--prompt-tokens", type=int, help="llama.cpp's prompt length (default: what ours read)")
+    parser.add_argument("--checkpoint", type=Path, default=CHECKPOINT)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    started = time.perf_counter()
+    try:
+        report = run(args)
+    except BenchError as error:
+        sys.exit(f"error: {error}")
+    report["seconds"] = time.perf_counter() - started
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"llama_cpp-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(report, indent=2))
+    print(summary(report))
+    print(f"written to {path} ({report['seconds'] / 60:.0f} min in all)")
+
+
+def run(args: argparse.Namespace) -> dict:
+    checkpoint = build_checkpoint(args.checkpoint)
+    models, llama = {}, None
+    if not args.skip_llama_cpp:
+        llama = existing_llama_cpp() if args.skip_build else ensure_llama_cpp()
+        models = gguf_models(llama, checkpoint, types=[PRECISIONS[name].gguf for name in args.precisions])
+    bandwidth = read_bandwidth()
+    logger.info("memory read bandwidth: %.1f GB/s", bandwidth / 1e9)
+    rows: dict[str, dict] = {name: {} for name in args.precisions}
+    for name in [] if args.skip_ours else args.precisions:
+        logger.info("ours: %s", name)
+        rows[name]["load_average_before_ours"] = os.getloadavg()  # others' work on the CPU skews both sides
+        rows[name]["ours"] = run_ours(PRECISIONS[name], checkpoint=checkpoint, turns=args.turns,
+                                      reply_tokens=args.reply_tokens)
+    measured = [row["ours"]["prompt_positions"] for row in rows.values() if "ours" in row]
+    prompt_tokens = args.prompt_tokens or (measured[0] if measured else PROMPT_POSITIONS)
+    for name in args.precisions if llama else []:
+        logger.info("llama.cpp: %s", PRECISIONS[name].gguf)
+        rows[name]["load_average_before_llama_cpp"] = os.getloadavg()
+        rows[name]["llama_cpp"] = run_llama_bench(llama, models[PRECISIONS[name].gguf], prompt_tokens=prompt_tokens,
+                                                  reply_tokens=args.reply_tokens, threads=args.threads,
+                                                  repetitions=args.repetitions)
+    return {"machine": {**machine(), "cpu_flags": cpu_flags(), "load_average": os.getloadavg()},
+            "bandwidth_bytes_per_second": bandwidth, "llama_cpp_python_version": llama and llama.version,
+            "prompt_tokens": prompt_tokens, "reply_tokens": args.reply_tokens, "threads": args.threads,
+            "repetitions": args.repetitions, "turns": args.turns, "results": rows}
+
+
+def summary(report: dict) -> str:
+    info = report["machine"]
+    return "\n".join([
+        f"{info['cpu']}, {info['cores']} cores; flags: {' '.join(info['cpu_flags']) or 'none of note'}; "
+        f"memory read bandwidth {report['bandwidth_bytes_per_second'] / 1e9:.1f} GB/s",
+        f"llama.cpp from llama-cpp-python {report['llama_cpp_python_version']}, {report['threads']} threads, "
+        f"{report['repetitions']} repetitions; ours: torch {info['torch']}, {info['torch_threads']} threads",
+        f"prompt: {report['prompt_tokens']} positions (the photo's 729 and the question); decode: "
+        f"{report['reply_tokens']}-token replies after that prompt; ratio = ours / llama.cpp",
+        table(report["results"]),
+    ])
+
+
+if __name__ == "__main__":
+    main()
