@@ -141,12 +141,12 @@ def main() -> None:
     command = [sys.executable, "launch.py", "--model", model, "--device", "cpu", "--data-dir", str(data_dir),
                "--port", str(port), "--concurrency", str(args.concurrency), "--api-queue", "64",
                *(["--load-8bit"] if args.load_8bit else []), *(["--load-4bit"] if args.load_4bit else [])]
-    log = data_dir / "server.log"
-    with log.open("w") as out:
+    server_log = data_dir / "server.log"
+    with server_log.open("w") as out:
         server = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
                                   env=app_env({"MIPHA_API_KEYS": " ".join(keys)}))
     try:
-        wait_for_http(f"http://127.0.0.1:{port}/", server, timeout=600, log=log)
+        wait_for_http(f"http://127.0.0.1:{port}/", server, timeout=600, log=server_log)
         base_url = f"http://127.0.0.1:{port}/v1"
         probe = openai.OpenAI(base_url=base_url, api_key=keys[0], max_retries=0, timeout=1800)
         while True:  # the page comes up before the weights: wait until the model answers
