@@ -24,7 +24,7 @@ from app.api.errors import WRONG_KEY, ApiError
 from app.api.keys import ApiKeys
 from app.api.requests import ApiLimits, ChatRequest, parse_chat_request
 from app.gpu import on_gpu
-from app.model_slot import ModelNotReadyError
+from app.model_slot import ModelNotReadyError, ModelState
 from app.replies import ReplyJob, ReplyQueueFullError, ReplySnapshot
 from app.services import Services
 from app.settings import Settings
@@ -105,8 +105,10 @@ class _Api:
     async def _start(self, chat: ChatRequest, *, key: str) -> ReplyJob:
         try:
             engine = self.services.model.engine()
-        except ModelNotReadyError as e:
-            raise ApiError(503, str(e).split(" Your message")[0]) from None
+        except ModelNotReadyError:  # the page's sentence speaks of its text box; the cause stays in the log
+            loading = self.services.model.status().state is ModelState.LOADING
+            raise ApiError(503, "The model is still loading; try again in a minute." if loading else
+                           "The model could not be loaded; the server's log says why.") from None
         try:
             await anyio.to_thread.run_sync(lambda: engine.prepare(chat.messages,
                                                                   max_new_tokens=chat.params.max_new_tokens))
