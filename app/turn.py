@@ -28,6 +28,7 @@ from mipha_core import (
     ReplyStats,
 )
 from mipha_core.images import load_image
+from mipha_core.streaming import StreamedReply
 
 log = logging.getLogger(__name__)
 
@@ -55,15 +56,19 @@ class TurnResult:
     """"stop" (the model ended, or a stop sequence), "length" or "cancelled"."""
 
 
-def run_turn(engine: Engine, request: TurnRequest, *, cancel: threading.Event, on_text: Callable[[str, str], None]) -> TurnResult:
-    """Generate the reply, calling ``on_text(piece, text_so_far)`` as it grows.
-
-    Raises ``ContextOverflowError`` before generating when the question cannot fit, and the
-    engine's ``MiphaError`` when generation fails midway (``on_text`` has had what came).
-    """
+def start_turn(engine: Engine, request: TurnRequest, *, cancel: threading.Event) -> StreamedReply:
+    """The engine's reply to the request, not yet read; ``ContextOverflowError`` when the question cannot fit."""
     params = request.params
-    stream = engine.stream(request.messages, max_new_tokens=params.max_new_tokens, temperature=params.temperature,
-                           top_p=params.top_p, cancel=cancel, cache=request.cache, seed=request.seed)
+    return engine.stream(request.messages, max_new_tokens=params.max_new_tokens, temperature=params.temperature,
+                         top_p=params.top_p, cancel=cancel, cache=request.cache, seed=request.seed)
+
+
+def run_turn(stream: StreamedReply, request: TurnRequest, *, cancel: threading.Event,
+             on_text: Callable[[str, str], None]) -> TurnResult:
+    """Read the reply started by `start_turn`, calling ``on_text(piece, text_so_far)`` as it grows.
+
+    Raises the engine's ``MiphaError`` when generation fails midway (``on_text`` has had what came).
+    """
     stops = StopSequences(request.stop)
     with closing(iter(stream)) as chunks:  # an early exit waits for the generation to end
         for chunk in chunks:
@@ -138,7 +143,8 @@ def api_work(engine: Engine, request: TurnRequest) -> Callable[[ReplyJob], TurnR
 
     def work(job: ReplyJob) -> TurnResult | TurnFailure:
         try:
-            result = run_turn(engine, request, cancel=job.cancel, on_text=lambda _piece, text: job.publish(text))
+            stream = start_turn(engine, request, cancel=job.cancel)
+            result = run_turn(stream, request, cancel=job.cancel, on_text=lambda _piece, text: job.publish(text))
         except MiphaError as e:
             log.warning("API reply %s failed: %s", job.key[1], e)
             return TurnFailure(_sentence(str(e)), engine_unavailable=isinstance(e, RemoteEngineError))
@@ -164,7 +170,7 @@ def reply_work(storage: db.Storage, engine: Engine, *, owner_id: int, conversati
         messages = model_messages(records, load_image=lambda sha256: load_image(db.image_path(storage, sha256)))
         request = TurnRequest(messages=messages, params=params, cache=cache_key(owner_id, conversation_id))
         try:
-            engine.prepare(messages, max_new_tokens=params.max_new_tokens)
+            stream = start_turn(engine, request, cancel=job.cancel)
         except ContextOverflowError as e:  # the question stays: the person can edit it shorter
             return ReplyOutcome(Notice(f"{e} Edit the question to shorten it, or start a new chat."))
         with db.ReplyWriter.start(storage, owner_id=owner_id, conversation_id=conversation_id) as writer:
@@ -175,7 +181,7 @@ def reply_work(storage: db.Storage, engine: Engine, *, owner_id: int, conversati
                 job.publish(writer.text)
 
             try:
-                result = run_turn(engine, request, cancel=job.cancel, on_text=store)
+                result = run_turn(stream, request, cancel=job.cancel, on_text=store)
             except MiphaError as e:  # e.g. out of memory, or the model server gone: keep what came, say why
                 writer.finish(status=db.MessageStatus.ERROR, finish_reason="error")
                 return ReplyOutcome(Notice(str(e)))
