@@ -13,9 +13,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from PIL.Image import Image
-
 from app.render import relative_time, render_markdown, reply_footer
+from mipha_core.photos import Photo
 from storage import ConversationRecord, MessageRecord, MessageStatus, Role
 
 ImageFile = Callable[[str], Path | None]
@@ -123,10 +122,11 @@ def branch_switch(record: MessageRecord) -> str:
             f'{button(following, f"next version of this {kind}", "›")}</span>')
 
 
-def model_messages(records: Sequence[Any], *, load_image: Callable[[str], Image]) -> list[dict[str, Any]]:
-    """The Hugging Face chat messages the engine reads.
+def model_messages(records: Sequence[Any], *, photo: Callable[[str], Photo]) -> list[dict[str, Any]]:
+    """The Hugging Face chat messages the engine reads; ``photo`` gives a stored photo by its sha256
+    (a ``StoredPhoto``, which the engine decodes only if it needs the pixels).
 
-    Only the newest photo is loaded and sent: Mipha looks at one image per conversation.
+    Only the newest photo is sent: Mipha looks at one image per conversation.
     A question that got no reply (stopped before the first token) is folded into the next
     question, so user and assistant turns alternate as the prompt format expects.
     """
@@ -139,7 +139,7 @@ def model_messages(records: Sequence[Any], *, load_image: Callable[[str], Image]
             if pending_user is not None:  # the earlier question got no answer
                 content += [c for c in pending_user["content"] if c["type"] == "image"]
             if record.image_sha256 and record.image_sha256 == newest_image:
-                content = [{"type": "image", "image": load_image(record.image_sha256)}]
+                content = [{"type": "image", "image": photo(record.image_sha256)}]
             content.append({"type": "text", "text": record.text})
             pending_user = {"role": "user", "content": content}
         elif record.text.strip() and pending_user is not None:

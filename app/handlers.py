@@ -346,7 +346,7 @@ class Handlers:
         no photo is decoded and the vision tower does not run.
         """
         try:
-            engine.prepare(model_messages(records, load_image=lambda _sha256: _PHOTO_STAND_IN),
+            engine.prepare(model_messages(records, photo=lambda _sha256: _PHOTO_STAND_IN),
                            max_new_tokens=params.max_new_tokens)
         except ContextOverflowError as e:
             raise Refused(f"{_sentence(str(e))} Your text is still in the box.") from e
@@ -359,7 +359,7 @@ class Handlers:
         asked = [*records, DraftQuestion(text="", image_sha256=None)] if records[-1].role is not db.Role.USER \
             else records
         try:
-            prepared = engine.prepare(model_messages(asked, load_image=lambda _sha256: _PHOTO_STAND_IN),
+            prepared = engine.prepare(model_messages(asked, photo=lambda _sha256: _PHOTO_STAND_IN),
                                       max_new_tokens=params.max_new_tokens)
         except ContextOverflowError:
             return None

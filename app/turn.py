@@ -28,6 +28,7 @@ from mipha_core import (
     ReplyStats,
 )
 from mipha_core.images import load_image
+from mipha_core.photos import StoredPhoto
 from mipha_core.streaming import StreamedReply
 
 log = logging.getLogger(__name__)
@@ -158,6 +159,12 @@ def _sentence(text: str) -> str:
     return text[:1].upper() + text[1:] + ("" if text.endswith(".") else ".")
 
 
+def stored_photo(storage: db.Storage, sha256: str) -> StoredPhoto:
+    """The stored photo, decoded from its file only if the engine needs its pixels (its caches
+    usually cover a follow-up); a file gone by then raises ``storage.ImageNotFoundError``."""
+    return StoredPhoto(key=sha256, open=lambda: load_image(db.image_path(storage, sha256)))
+
+
 def reply_work(storage: db.Storage, engine: Engine, *, owner_id: int, conversation_id: str,
                params: GenerationParams) -> Callable[[ReplyJob], ReplyOutcome]:
     """The job that answers the conversation's last question (on the active branch)."""
@@ -167,7 +174,7 @@ def reply_work(storage: db.Storage, engine: Engine, *, owner_id: int, conversati
             records = db.list_messages(s, owner_id=owner_id, conversation_id=conversation_id)
         if not records or records[-1].role is not db.Role.USER:
             return ReplyOutcome()
-        messages = model_messages(records, load_image=lambda sha256: load_image(db.image_path(storage, sha256)))
+        messages = model_messages(records, photo=lambda sha256: stored_photo(storage, sha256))
         request = TurnRequest(messages=messages, params=params, cache=cache_key(owner_id, conversation_id))
         try:
             stream = start_turn(engine, request, cancel=job.cancel)
@@ -182,7 +189,8 @@ def reply_work(storage: db.Storage, engine: Engine, *, owner_id: int, conversati
 
             try:
                 result = run_turn(stream, request, cancel=job.cancel, on_text=store)
-            except MiphaError as e:  # e.g. out of memory, or the model server gone: keep what came, say why
+            except (MiphaError, db.ImageNotFoundError) as e:  # e.g. out of memory, the model server gone,
+                # or the photo's file gone when the model had to look at it again: keep what came, say why
                 writer.finish(status=db.MessageStatus.ERROR, finish_reason="error")
                 return ReplyOutcome(Notice(str(e)))
             except db.LimitExceededError as e:

@@ -21,6 +21,7 @@ _HOMES = {
     "generation": ["TEMPERATURE_RANGE", "TOP_P_RANGE", "GenerationParams", "InvalidGenerationParamsError"],
     "images": ["load_image"],
     "loading": ["DEFAULT_MODEL", "TINY_MODEL", "load_engine", "load_remote_engine"],
+    "photos": ["StoredPhoto"],
     "remote": ["RemoteEngine", "RemoteEngineError", "RemoteReply", "RemoteServer"],
     "streaming": ["GenerationOutOfMemoryError", "ReplyStats", "ReplyStream"],
 }

@@ -9,6 +9,7 @@ from typing import Any
 from PIL import Image
 
 from mipha_core.errors import InvalidMessagesError
+from mipha_core.photos import Photo, StoredPhoto
 
 
 @dataclass(frozen=True)
@@ -17,7 +18,7 @@ class Turn:
 
     question: str
     answer: str | None = None
-    image: Image.Image | None = None
+    image: Photo | None = None
 
 
 SYSTEM_ROLES = frozenset({"system", "developer"})
@@ -42,14 +43,15 @@ def turns_from_messages(messages: Sequence[dict[str, Any]]) -> list[Turn]:
     """Pair alternating user/assistant messages into turns; the last turn must be a question.
 
     ``messages`` follow the Hugging Face chat format: ``{"role": ..., "content": str | list}``
-    where list items are ``{"type": "text", "text": ...}`` or ``{"type": "image", "image": PIL}``.
+    where list items are ``{"type": "text", "text": ...}`` or ``{"type": "image", "image": photo}``
+    with a PIL image or a ``StoredPhoto`` (decoded only when its pixels are needed).
     """
     if not messages:
         raise InvalidMessagesError("messages is empty: send at least one user message")
     turns: list[Turn] = []
     expected = "user"
     question = ""
-    image: Image.Image | None = None
+    image: Photo | None = None
     for position, message in enumerate(messages):
         role = message.get("role") if isinstance(message, dict) else None
         if role != expected:
@@ -72,7 +74,7 @@ def turns_from_messages(messages: Sequence[dict[str, Any]]) -> list[Turn]:
     return turns
 
 
-def _split_content(content: Any, position: int) -> tuple[str, list[Image.Image]]:
+def _split_content(content: Any, position: int) -> tuple[str, list[Photo]]:
     if isinstance(content, str):
         return content, []
     if not isinstance(content, list):
@@ -80,16 +82,16 @@ def _split_content(content: Any, position: int) -> tuple[str, list[Image.Image]]
             f"message {position}: content must be a string or a list of parts, got {type(content).__name__}"
         )
     texts: list[str] = []
-    images: list[Image.Image] = []
+    images: list[Photo] = []
     for part in content:
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "text" and isinstance(part.get("text"), str):
             texts.append(part["text"])
-        elif kind == "image" and isinstance(part.get("image"), Image.Image):
+        elif kind == "image" and isinstance(part.get("image"), Image.Image | StoredPhoto):
             images.append(part["image"])
         else:
             raise InvalidMessagesError(
                 f"message {position}: unsupported content part {part!r}; use "
-                '{"type": "text", "text": str} or {"type": "image", "image": PIL.Image}'
+                '{"type": "text", "text": str} or {"type": "image", "image": PIL.Image | StoredPhoto}'
             )
     return "\n".join(texts), images

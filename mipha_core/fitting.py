@@ -12,12 +12,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
 from mipha_core.conversation import Turn, split_system, turns_from_messages
 from mipha_core.errors import ContextOverflowError
 from mipha_core.generation import InvalidGenerationParamsError
+from mipha_core.photos import Photo
 from mipha_core.prompt import PhiPromptStyle
 
 MIN_REPLY_TOKENS = 32
@@ -26,10 +26,11 @@ MIN_REPLY_TOKENS = 32
 
 @dataclass(frozen=True)
 class PreparedPrompt:
-    """A conversation fitted into the context window, as token ids and the image to send."""
+    """A conversation fitted into the context window, as token ids and the image to send
+    (a ``StoredPhoto`` is not decoded: ``photos.open_photo`` gives its pixels)."""
 
     token_ids: list[int]
-    image: Image.Image | None
+    image: Photo | None
     dropped_turns: int
     max_new_tokens: int
     """The reply budget granted: what was asked, or less when a long question leaves less room."""

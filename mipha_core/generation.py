@@ -8,7 +8,16 @@ import time
 from dataclasses import dataclass
 
 import torch
-from transformers import GenerationConfig, LogitsProcessor, StoppingCriteria, TextIteratorStreamer
+from transformers import (
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    StoppingCriteria,
+    TemperatureLogitsWarper,
+    TextIteratorStreamer,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from mipha_core.errors import MiphaError
 
@@ -85,6 +94,40 @@ class GenerationParams:
         )
 
 
+    @property
+    def sampling(self) -> bool:
+        return self.temperature > 0
+
+    def warpers(self) -> LogitsProcessorList:
+        """Temperature, top-k and top-p, in the order ``generate`` applies them when sampling."""
+        warpers = LogitsProcessorList([TemperatureLogitsWarper(self.temperature), TopKLogitsWarper(ORIGINAL_TOP_K)])
+        if self.top_p < 1.0:
+            warpers.append(TopPLogitsWarper(self.top_p))
+        return warpers
+
+
+class TokenSampler:
+    """Picks each next token from raw logits the way ``generate`` does with ``to_generation_config``:
+    suppressed rows never win; greedy at temperature 0, otherwise a draw from the tempered, top-k,
+    top-p distribution, from a generator of its own when ``seed`` is given."""
+
+    def __init__(self, params: GenerationParams, *, suppressed_ids: list[int], seed: int | None = None) -> None:
+        self.params = params
+        self._suppressed = torch.tensor(suppressed_ids, dtype=torch.long)
+        self._warpers = params.warpers() if params.sampling else None
+        self._generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        self._no_ids = torch.zeros((1, 0), dtype=torch.long)
+
+    def __call__(self, logits: torch.Tensor) -> int:
+        scores = logits.float().reshape(1, -1).clone()
+        scores[0, self._suppressed] = float("-inf")
+        if self._warpers is None:
+            return int(scores.argmax())
+        scores = self._warpers(self._no_ids, scores)
+        probabilities = torch.softmax(scores, dim=-1)
+        return int(torch.multinomial(probabilities, num_samples=1, generator=self._generator))
+
+
 class CancelCriteria(StoppingCriteria):
     """Stops generation at the next token once ``event`` is set."""
 
@@ -96,21 +139,23 @@ class CancelCriteria(StoppingCriteria):
 
 
 class SeededChoice(LogitsProcessor):
-    """Draws the next token from the final (tempered, top-k, top-p) distribution with a generator
-    of its own, then leaves only that token possible, so the library's sampler must pick it.
+    """Draws the next token from the tempered, top-k, top-p distribution with a generator of its
+    own, then leaves only that token possible, so the library's sampler must pick it.
 
     The library samples from torch's global generator, which concurrent replies share; with
-    this as the last processor, a reply's tokens depend on its seed alone.
+    this processor, a reply's tokens depend on its seed alone. ``generate`` runs a caller's
+    processors before its own warpers, so this one applies them itself first.
     """
 
-    def __init__(self, seed: int) -> None:
+    def __init__(self, seed: int, params: GenerationParams) -> None:
         self.seed = seed
+        self._warpers = params.warpers()
         self._generator: torch.Generator | None = None
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if self._generator is None or self._generator.device != scores.device:
             self._generator = torch.Generator(device=scores.device).manual_seed(self.seed)
-        probabilities = torch.softmax(scores.float(), dim=-1)
+        probabilities = torch.softmax(self._warpers(input_ids, scores.float()), dim=-1)
         chosen = torch.multinomial(probabilities, num_samples=1, generator=self._generator)
         only = torch.full_like(scores, float("-inf"))
         return only.scatter(-1, chosen, 0.0)

@@ -2,7 +2,8 @@
 
 The conversation is fitted here with Mipha's own tokenizer and rules (``PromptFitter``), so the
 server gets the turns that fit and the photo already padded and resized to the tower's size:
-every backend sees the same 384-px pixels. The reply is streamed; Stop shuts the connection,
+every backend sees the same 384-px pixels. A stored photo is decoded when the reply is first
+read, not when it is asked for. The reply is streamed; Stop shuts the connection,
 which is how an OpenAI-compatible server learns to stop generating.
 """
 
@@ -29,6 +30,7 @@ from mipha_core.conversation import Turn
 from mipha_core.errors import MiphaError
 from mipha_core.fitting import MIN_REPLY_TOKENS, FittedEngine, PreparedPrompt, PromptFitter
 from mipha_core.generation import GenerationParams
+from mipha_core.photos import Photo, open_photo
 from mipha_core.preprocessing import ImagePreprocessor
 from mipha_core.streaming import FinishReason, ReplyStats, StreamedReply
 
@@ -82,8 +84,8 @@ class RemoteEngine(FittedEngine):
     def label(self) -> str:
         return f"{self._served_model or self.model_id} · remote · {self.server.host}"
 
-    def model_image(self, image: Image.Image) -> Image.Image:
-        return self.preprocessor.model_image(image)
+    def model_image(self, photo: Photo) -> Image.Image:
+        return self.preprocessor.model_image(open_photo(photo))
 
     def stream(self, messages: Sequence[dict[str, Any]], *, max_new_tokens: int = 512, temperature: float = 0.2,
                top_p: float = 1.0, cancel: threading.Event | None = None, cache: CacheKey | None = None,
@@ -92,16 +94,19 @@ class RemoteEngine(FittedEngine):
         business (vLLM keeps prefixes itself) and is not used here."""
         params = GenerationParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
         prepared = self.prepare(messages, max_new_tokens=params.max_new_tokens, min_new_tokens=min_new_tokens)
-        request = {
-            "messages": self._openai_messages(prepared),
-            "max_tokens": prepared.max_new_tokens,
-            "temperature": params.temperature,
-            "top_p": params.top_p,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-            **({"seed": seed} if seed is not None else {}),
-        }
-        return RemoteReply(open_stream=lambda: self._open(request), prepared=prepared,
+
+        def request() -> dict[str, Any]:
+            return {
+                "messages": self._openai_messages(prepared),
+                "max_tokens": prepared.max_new_tokens,
+                "temperature": params.temperature,
+                "top_p": params.top_p,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+                **({"seed": seed} if seed is not None else {}),
+            }
+
+        return RemoteReply(open_stream=lambda: self._open(request()), prepared=prepared,
                            cancel=cancel or threading.Event())
 
     def forget(self, cache: CacheKey) -> None:

@@ -36,7 +36,8 @@ class ReplyStats:
     reused_tokens: int
     """Prompt tokens whose KV states came from an earlier turn's cache instead of a prefill."""
     vision_seconds: float | None
-    """Time in the vision tower; None when no image was encoded (none sent, or features cached)."""
+    """Time spent on the photo (decoding a stored one when its model input was not kept,
+    preprocessing, the vision tower); None when no image was encoded (none sent, or cached)."""
     first_token_seconds: float | None
     elapsed_seconds: float
 

@@ -183,6 +183,41 @@ def test_second_question_reuses_the_cache_and_says_so_in_the_footer(h, owner):
     assert reopened[-1]["content"] == footer  # the footer is rebuilt from what was stored
 
 
+def forget_photo_file(h: Handlers, owner: int, conversation: str) -> None:
+    """Remove the conversation's photo file, as if it were lost (a disk swapped, a cleanup gone wrong)."""
+    sha256 = next(r.image_sha256 for r in stored(h, owner, conversation) if r.image_sha256)
+    db.image_path(h.storage, sha256).unlink()
+
+
+def test_a_follow_up_does_not_read_the_photo_file_again(h, owner):
+    """The KV cache covers the photo: the follow-up decodes nothing, so it needs no file."""
+    conversation, _ = ask(h, owner, "What is in this photo?", files=[photo()])
+    forget_photo_file(h, owner, conversation)
+    conversation, frames = ask(h, owner, "And what colour is it?", conversation=conversation)
+    answer = stored(h, owner, conversation)[-1]
+    assert not frames[-1].notice.text and answer.status is db.MessageStatus.COMPLETE
+    assert answer.reused_tokens > 0 and answer.text.strip()
+
+
+def test_a_photo_file_gone_when_the_model_must_look_again_is_a_notice(app_services, app_tiny_engine):
+    """With every cache off, each reply looks at the photo again (as after the caches let it go,
+    or a restart); a file lost by then is a notice, not a failure without a reason."""
+    from mipha_core.engine import CacheSettings, Engine
+
+    uncached = Engine(model=app_tiny_engine.model, tokenizer=app_tiny_engine.tokenizer,
+                      preprocessor=app_tiny_engine.preprocessor, model_id=app_tiny_engine.model_id,
+                      context_length=app_tiny_engine.context_length, image_tokens=app_tiny_engine.image_tokens,
+                      caches=CacheSettings(kv_cache_bytes=0, image_feature_bytes=0))
+    h = Handlers(replace(app_services, model=ModelSlot.ready(uncached)))
+    owner = new_visitor(h)
+    conversation, _ = ask(h, owner, "What is in this photo?", files=[photo()])
+    forget_photo_file(h, owner, conversation)
+    conversation, frames = ask(h, owner, "And what colour is it?", conversation=conversation)
+    notice = frames[-1].notice
+    assert "is no longer stored" in notice.text and notice.kind == "error" and frames[-1].busy is False
+    assert stored(h, owner, conversation)[-1].status is db.MessageStatus.ERROR
+
+
 def test_stop_keeps_the_partial_reply_and_marks_it(h, owner):
     sent = send(h, owner, "Tell me a long story", params=(0.0, 1.0, 64))
     frames = h.attach(owner, sent.conversation_id, new_reply=True)
@@ -405,7 +440,7 @@ def test_unanswered_questions_fold_into_the_next_turn():
     records = [rec(0, db.Role.USER, "old", "a" * 64), rec(1, db.Role.ASSISTANT, "ok"),
                rec(2, db.Role.USER, "new photo", "b" * 64), rec(3, db.Role.ASSISTANT, ""),
                rec(4, db.Role.USER, "again?")]
-    messages = model_messages(records, load_image=lambda sha: sha[0])
+    messages = model_messages(records, photo=lambda sha: sha[0])
     assert [m["role"] for m in messages] == ["user", "assistant", "user"]
     assert messages[0]["content"] == [{"type": "text", "text": "old"}]  # only the newest photo is sent
     assert messages[2]["content"] == [{"type": "image", "image": "b"}, {"type": "text", "text": "again?"}]

@@ -23,7 +23,7 @@ from playwright.sync_api import expect
 import storage as db
 from app.handlers import Handlers
 from app.model_slot import ModelSlot
-from mipha_core import RemoteEngineError, RemoteServer, load_remote_engine
+from mipha_core import RemoteEngineError, RemoteServer, StoredPhoto, load_remote_engine
 from tests.app_process import RunningApp, free_port, running_app
 from tests.browser_support import open_app, screenshot, started_together, visitor
 
@@ -89,6 +89,21 @@ def test_the_remote_engine_gives_the_local_engines_greedy_reply(remote, app_tiny
     assert reply.text() == direct
     assert reply.stats.finish_reason == "length" and reply.stats.completion_tokens == 24
     assert reply.stats.prompt_tokens == app_tiny_engine.prepare(photo_question(), max_new_tokens=24).prompt_tokens
+
+
+def test_a_stored_photo_is_decoded_when_the_reply_is_read(remote):
+    opened = []
+
+    def open_photo() -> Image.Image:
+        opened.append(1)
+        return Image.open(ASSETS / "chelsea.jpg")
+
+    question = photo_question()
+    question[0]["content"][0]["image"] = StoredPhoto(key="c" * 64, open=open_photo)
+    reply = remote.stream(question, max_new_tokens=8, temperature=0)
+    assert opened == []  # asking only fits the conversation
+    assert reply.text() == remote.stream(photo_question(), max_new_tokens=8, temperature=0).text()
+    assert opened == [1]
 
 
 def test_stop_ends_the_generation_on_the_server(pair, remote):
