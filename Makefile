@@ -11,12 +11,14 @@ ARGS ?=
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(VENV)/.app-installed: requirements.txt | $(PY)
+$(VENV)/.app-installed: requirements.txt scripts/install-llama-cpp.sh | $(PY)
 	$(PY) -m pip install -r requirements.txt
+	bash scripts/install-llama-cpp.sh $(PY)
 	touch $@
 
-$(VENV)/.test-installed: requirements.txt requirements-test.txt scripts/install-axe.sh scripts/install-postgres.sh | $(PY)
+$(VENV)/.test-installed: requirements.txt requirements-test.txt scripts/install-axe.sh scripts/install-postgres.sh scripts/install-llama-cpp.sh | $(PY)
 	$(PY) -m pip install -r requirements-test.txt
+	bash scripts/install-llama-cpp.sh $(PY)
 	bash scripts/install-chromium.sh
 	bash scripts/install-postgres.sh
 	bash scripts/install-axe.sh $(VENV)/axe-core

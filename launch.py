@@ -79,13 +79,19 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     model.add_argument("--dtype", default=env("MIPHA_DTYPE", "auto"), choices=["auto", "float32", "bfloat16", "float16"],
                        help="weights precision; 'auto' picks bf16/fp16 on GPUs, and on the CPU bf16 where it computes "
                        "bf16 natively (AVX512-BF16, AMX), fp32 elsewhere [MIPHA_DTYPE]")
+    model.add_argument("--runtime", default=env("MIPHA_RUNTIME", "auto"), choices=["auto", "llama.cpp", "torch"],
+                       help="where the language model runs: 'auto' takes llama.cpp on the CPU when it is installed "
+                       "(int8, or int4 when memory is short; 2-3x faster than PyTorch there), PyTorch elsewhere; "
+                       "--dtype picks PyTorch on the CPU [MIPHA_RUNTIME]")
     quant = model.add_mutually_exclusive_group()
     quant.add_argument("--load-8bit", action="store_true", default=_env_bool(environ, "MIPHA_LOAD_8BIT"),
-                       help="load the language model in 8-bit (about half the memory): torch's packed int8 kernels on a CPU "
-                       "with native bf16, bitsandbytes elsewhere [MIPHA_LOAD_8BIT]")
+                       help="load the language model in 8-bit (about half the memory): llama.cpp's Q8_0 on the CPU, "
+                       "torch's packed int8 kernels with --runtime torch on a CPU with native bf16, bitsandbytes "
+                       "elsewhere [MIPHA_LOAD_8BIT]")
     quant.add_argument("--load-4bit", action="store_true", default=_env_bool(environ, "MIPHA_LOAD_4BIT"),
-                       help="load the language model in 4-bit (about a quarter): torch's packed int4 kernels on a CPU "
-                       "with native bf16, bitsandbytes NF4 elsewhere [MIPHA_LOAD_4BIT]")
+                       help="load the language model in 4-bit (about a quarter): llama.cpp's Q4_K_M on the CPU, "
+                       "torch's packed int4 kernels with --runtime torch on a CPU with native bf16, bitsandbytes NF4 "
+                       "elsewhere [MIPHA_LOAD_4BIT]")
     model.add_argument("--kv-cache-mb", type=int, default=_env_int(environ, "MIPHA_KV_CACHE_MB"),
                        help="memory kept for conversations' KV caches, so follow-up questions skip re-reading "
                        "the photo and the chat; a full 2048-token conversation takes 0.67 GB in bf16; 0 turns it off "
@@ -182,7 +188,7 @@ def settings_from_args(argv: Sequence[str] | None, environ: Mapping[str, str]) -
         parser.error("choose one of --load-8bit and --load-4bit")
     try:
         settings = Settings(
-            model=args.model, device=args.device, dtype=args.dtype, quantization=quantization,
+            model=args.model, device=args.device, dtype=args.dtype, quantization=quantization, runtime=args.runtime,
             host=args.host, port=args.port, share=args.share, auth=auth,
             data_dir=args.data_dir, database_url=args.database_url,
             max_new_tokens=args.max_new_tokens, concurrency=args.concurrency, kv_cache_mb=args.kv_cache_mb,
@@ -235,7 +241,8 @@ def engine_loader(settings: Settings):
         return lambda: load_remote_engine(server, model=settings.model, data_dir=settings.data_dir)
     caches = None if settings.kv_cache_mb is None else CacheSettings(kv_cache_bytes=settings.kv_cache_mb * 1024**2)
     return lambda: load_engine(settings.model, device=settings.device, dtype=settings.dtype,
-                               quantization=settings.quantization, data_dir=settings.data_dir, caches=caches)
+                               quantization=settings.quantization, runtime=settings.runtime,
+                               data_dir=settings.data_dir, caches=caches)
 
 
 def launch_options(settings: Settings, *, photo_exists: Callable[[str], bool], routes: Sequence = ()) -> dict:

@@ -67,6 +67,8 @@ class Settings:
     device: str = "auto"
     dtype: str = "auto"
     quantization: Quantization | None = None
+    runtime: str = "auto"
+    """Where the language model runs: "auto", "llama.cpp" (CPU) or "torch"."""
     host: str = "127.0.0.1"
     port: int = 7860
     share: bool = False
@@ -104,6 +106,8 @@ class Settings:
     """Send every turn to this server instead of loading the model here."""
 
     def __post_init__(self) -> None:
+        if self.runtime not in ("auto", "llama.cpp", "torch"):
+            raise ValueError(f"runtime must be auto, llama.cpp or torch, got {self.runtime!r}")
         if self.quantization not in (None, "8bit", "4bit"):
             raise ValueError(f"quantization must be None, '8bit' or '4bit', got {self.quantization!r}")
         if not 1 <= self.port <= 65535:

@@ -29,6 +29,7 @@ from PIL import Image
 from bench.memory import PeakMemory, read_bandwidth, resident_memory
 from mipha_core import CacheKey, load_engine
 from mipha_core.engine import CacheSettings, Engine
+from mipha_core.llama_cpp_engine import LlamaCppEngine
 from mipha_core.tiny import MIPHA_3B, write_tiny_checkpoint
 
 HERE = Path(__file__).parent
@@ -39,7 +40,10 @@ CONFIGS = {
     "fp32": {"dtype": "float32", "quantization": None},
     "8bit": {"dtype": "bfloat16", "quantization": "8bit"},
     "4bit": {"dtype": "bfloat16", "quantization": "4bit"},
+    "llama-int8": {"dtype": "auto", "quantization": "8bit", "runtime": "llama.cpp"},
+    "llama-int4": {"dtype": "auto", "quantization": "4bit", "runtime": "llama.cpp"},
 }
+"""The ``llama-`` configurations run the language model on llama.cpp (Q8_0, Q4_K_M), as ``auto`` does on a CPU."""
 QUESTIONS = [
     "What is in this photo?",
     "What colours stand out?",
@@ -72,14 +76,15 @@ def photo() -> Image.Image:
     return source.resize((384, 384))
 
 
-def converse(engine: Engine, *, turns: int, reply_tokens: int) -> list[TurnFigures]:
+def converse(engine: Engine | LlamaCppEngine, *, turns: int, reply_tokens: int,
+             cache: CacheKey | None = CacheKey("bench", "chat")) -> list[TurnFigures]:
     image, messages, figures = photo(), [], []
     for index in range(turns):
         content = [{"type": "text", "text": QUESTIONS[index % len(QUESTIONS)]}]
         if index == 0:
             content.insert(0, {"type": "image", "image": image})
         messages.append({"role": "user", "content": content})
-        reply = engine.stream(messages, max_new_tokens=reply_tokens, temperature=0, cache=CacheKey("bench", "chat"))
+        reply = engine.stream(messages, max_new_tokens=reply_tokens, temperature=0, cache=cache)
         text = reply.text()
         stats = reply.stats
         figures.append(TurnFigures(
@@ -103,6 +108,8 @@ def language_model_bytes(engine: Engine) -> int:
 def run_config(name: str, *, checkpoint: Path, turns: int, reply_tokens: int) -> dict:
     """One configuration, in this process: load, naive conversation, engine conversation."""
     settings = CONFIGS[name]
+    if settings.get("runtime") == "llama.cpp":
+        return run_llama_cpp_config(name, checkpoint=checkpoint, turns=turns, reply_tokens=reply_tokens)
     started = time.perf_counter()
     with PeakMemory() as peak:
         base = load_engine(str(checkpoint), device="cpu", dtype=settings["dtype"], quantization=settings["quantization"])
@@ -119,6 +126,26 @@ def run_config(name: str, *, checkpoint: Path, turns: int, reply_tokens: int) ->
     return {
         "config": name, "dtype": str(base.dtype), "load_seconds": load_seconds,
         "weights_bytes_per_token": language_model_bytes(base),
+        "peak_anonymous_bytes": peak.anonymous, "peak_file_backed_bytes": peak.file_backed,
+        "after_anonymous_bytes": resident_memory().anonymous, "turns": results,
+    }
+
+
+def run_llama_cpp_config(name: str, *, checkpoint: Path, turns: int, reply_tokens: int) -> dict:
+    """The language model on llama.cpp: naive is the same engine without a cache key (every turn read whole)."""
+    settings = CONFIGS[name]
+    started = time.perf_counter()
+    with PeakMemory() as peak:
+        engine = load_engine(str(checkpoint), device="cpu", quantization=settings["quantization"], runtime="llama.cpp",
+                             data_dir=HERE / ".cache" / "data")
+        load_seconds = time.perf_counter() - started
+        engine.suppressed_ids.append(engine.end_token_id)  # random weights: keep every reply its full length
+        engine.stream([{"role": "user", "content": "warm up"}], max_new_tokens=2).text()
+        results = {mode: [asdict(turn) for turn in converse(engine, turns=turns, reply_tokens=reply_tokens, cache=cache)]
+                   for mode, cache in [("naive", None), ("engine", CacheKey("bench", "chat"))]}
+    return {
+        "config": name, "dtype": engine.label, "load_seconds": load_seconds,
+        "weights_bytes_per_token": engine.context.model_bytes,
         "peak_anonymous_bytes": peak.anonymous, "peak_file_backed_bytes": peak.file_backed,
         "after_anonymous_bytes": resident_memory().anonymous, "turns": results,
     }

@@ -19,8 +19,9 @@ and quantizes it to Q8_0 and Q4_K_M; all of that is cached (see ``llama_cpp_buil
   an empty context (``-p 0 -n 32 -d N,0``); the table uses the first, which is what our reply does.
   Medians of its samples.
 
-bf16 runs against BF16, int8 (``--load-8bit``) against Q8_0 and int4 (``--load-4bit``) against
-Q4_K_M. Prints a table and writes JSON to bench/results/.
+bf16 (PyTorch) runs against BF16, int8 (``--load-8bit``, on llama.cpp as ``auto`` picks on a CPU)
+against Q8_0 and int4 (``--load-4bit``) against Q4_K_M; ``int8-torch`` and ``int4-torch`` are the
+PyTorch runtime's packed kernels (``--runtime torch``), the alternative we measured against. Prints a table and writes JSON to bench/results/.
 """
 
 from __future__ import annotations
@@ -61,8 +62,10 @@ class Precision:
 
 PRECISIONS = {
     "bf16": Precision(ours="bf16", gguf="BF16"),
-    "int8": Precision(ours="8bit", gguf="Q8_0"),
-    "int4": Precision(ours="4bit", gguf="Q4_K_M"),
+    "int8": Precision(ours="llama-int8", gguf="Q8_0"),
+    "int4": Precision(ours="llama-int4", gguf="Q4_K_M"),
+    "int8-torch": Precision(ours="8bit", gguf="Q8_0"),
+    "int4-torch": Precision(ours="4bit", gguf="Q4_K_M"),
 }
 
 
@@ -141,7 +144,7 @@ def _cell(value: float | None, width: int) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--precisions", nargs="+", choices=list(PRECISIONS), default=list(PRECISIONS))
+    parser.add_argument("--precisions", nargs="+", choices=list(PRECISIONS), default=["bf16", "int8", "int4"])
     parser.add_argument("--skip-ours", action="store_true", help="measure llama.cpp only")
     parser.add_argument("--skip-llama-cpp", action="store_true", help="measure ours only (no build either)")
     parser.add_argument("--skip-build", action="store_true", help="use the cached llama.cpp build; fail if there is none")

@@ -19,10 +19,15 @@ from mipha_core.devices import choose_device, choose_dtype
 from mipha_core.engine import CacheSettings, Engine
 from mipha_core.errors import ModelLoadError
 from mipha_core.fitting import PromptFitter
+from mipha_core.gguf_export import GGUF_PRECISIONS, language_model_gguf
+from mipha_core.llama_cpp_engine import LlamaCppEngine
+from mipha_core.llama_cpp_runtime import LlamaCppContext, llama_cpp_available, physical_cores
 from mipha_core.modeling import MiphaForConditionalGeneration
+from mipha_core.precision import RUNTIMES, ModelSize, Precision, choose_precision
 from mipha_core.preprocessing import ImagePreprocessor
 from mipha_core.remote import RemoteEngine, RemoteServer
 from mipha_core.tiny import ensure_tiny_checkpoint
+from mipha_core.vision import VisionEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -42,27 +47,41 @@ def load_engine(
     device: str = "auto",
     dtype: str = "auto",
     quantization: Quantization | None = None,
+    runtime: str = "auto",
     data_dir: Path = Path("data"),
     caches: CacheSettings | None = None,
-) -> Engine:
+    free_bytes: int | None = None,
+) -> Engine | LlamaCppEngine:
     """Load Mipha from a Hub id, a folder in the original format, or ``"tiny"``.
 
-    ``"tiny"`` builds a small random checkpoint once under ``data_dir`` (offline). ``caches``
-    bounds the follow-up caches (default: ``default_cache_settings(device)``). Every failure
-    raises ``ModelLoadError`` whose message says what went wrong and what to do; device, dtype
-    and quantization are checked first, before anything is downloaded or read.
+    ``"tiny"`` builds a small random checkpoint once under ``data_dir`` (offline). The runtime and
+    precision are ``choose_precision``'s: explicit ``dtype``, ``quantization`` and ``runtime`` win,
+    ``auto`` picks from the free memory (``free_bytes`` overrides the measured figure) and the
+    processor; on a CPU with llama.cpp the language model is converted to GGUF once, under
+    ``data_dir``. ``caches`` bounds the follow-up caches (default: ``default_cache_settings(device)``).
+    Every failure raises ``ModelLoadError`` whose message says what went wrong and what to do;
+    device, dtype, quantization and runtime are checked first, before anything is downloaded or read.
     """
     _check_quantization(quantization)
-    torch_device = choose_device(device)
-    torch_dtype = choose_dtype(dtype, torch_device)
+    choose_dtype(dtype, choose_device(device))
+    if runtime not in RUNTIMES:
+        raise ModelLoadError(f"--runtime {runtime} is not a runtime: use {', '.join(RUNTIMES)}")
     folder = resolve_checkpoint(model, data_dir=data_dir)
     checkpoint = read_checkpoint_config(folder)
-    logger.info("loading %s on %s as %s%s%s", model, torch_device, torch_dtype,
-                f" ({quantization})" if quantization else "",
-                " (the CPU computes bf16 natively)" if torch_device.type == "cpu" and dtype == "auto"
-                and torch_dtype == torch.bfloat16 else "")
+    text = checkpoint.llava.text_config
+    size = ModelSize.of_checkpoint(folder, layers=text.num_hidden_layers, hidden=text.hidden_size,
+                                   context_length=checkpoint.context_length)
+    precision = choose_precision(device=device, dtype=dtype, quantization=quantization, runtime=runtime, size=size,
+                                 llama_cpp_problem=llama_cpp_available(), free_bytes=free_bytes)
+    logger.info("loading %s as %s (about %.1f GB resident)", model, precision.label,
+                precision.resident_bytes(size) / 1e9)
     tokenizer = _load_tokenizer(folder, checkpoint)
-    mipha = _load_model(folder, checkpoint, device=torch_device, dtype=torch_dtype, quantization=quantization)
+    caches = caches or default_cache_settings(precision.device)
+    if precision.runtime == "llama.cpp":
+        return _load_llama_cpp_engine(folder, checkpoint, tokenizer=tokenizer, precision=precision, model_id=model,
+                                      data_dir=data_dir, caches=caches)
+    mipha = _load_model(folder, checkpoint, device=precision.device, dtype=precision.dtype,
+                        quantization=precision.quantization)
     return Engine(
         model=mipha,
         tokenizer=tokenizer,
@@ -70,7 +89,36 @@ def load_engine(
         model_id=model,
         context_length=checkpoint.context_length,
         image_tokens=checkpoint.image_tokens,
-        caches=caches or default_cache_settings(torch_device),
+        caches=caches,
+        precision_label=precision.label,
+    )
+
+
+def _load_llama_cpp_engine(folder: Path, checkpoint: MiphaCheckpointConfig, *, tokenizer: PreTrainedTokenizerBase,
+                           precision: Precision, model_id: str, data_dir: Path,
+                           caches: CacheSettings) -> LlamaCppEngine:
+    """The language model as GGUF on llama.cpp (converted once), the vision tower and projector in PyTorch."""
+    if not any(folder.glob("*.safetensors")):
+        raise ModelLoadError(f"{folder} has no .safetensors weights: download the model again")
+    gguf = language_model_gguf(folder, checkpoint, precision=GGUF_PRECISIONS[precision.weights],
+                               cache_dir=data_dir / "gguf")
+    try:
+        vision = VisionEncoder(folder, checkpoint, dtype=precision.dtype)
+    except (SafetensorError, OSError, RuntimeError) as error:
+        raise ModelLoadError(f"the vision weights in {folder} could not be loaded ({error}): "
+                             "download the model again") from error
+    context = LlamaCppContext(gguf, context_length=checkpoint.context_length, threads=physical_cores())
+    return LlamaCppEngine(
+        context=context,
+        vision=vision,
+        tokenizer=tokenizer,
+        preprocessor=_load_preprocessor(folder, checkpoint),
+        model_id=model_id,
+        precision_label=precision.label,
+        context_length=checkpoint.context_length,
+        image_tokens=checkpoint.image_tokens,
+        image_token_id=checkpoint.llava.image_token_id,
+        caches=caches,
     )
 
 

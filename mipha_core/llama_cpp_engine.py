@@ -1,0 +1,270 @@
+"""``LlamaCppEngine``: Mipha with its language model on llama.cpp and its vision tower in PyTorch.
+
+On a CPU, llama.cpp's quantized matrix kernels read Phi-2's weights at the memory bandwidth,
+which PyTorch's do not (see the README's performance table). The photo goes through the same
+SigLIP tower and projector as on the PyTorch path, and its 729 projected features are handed to
+llama.cpp as input embeddings at the image's positions; the prompt's text goes in as the same
+token ids the PyTorch path would read. The conversation rules, the prompt and the sampler are
+shared, so only the language model's arithmetic differs.
+
+The context keeps the KV state of the conversation it served last. When another conversation
+needs it, that state is copied out into a byte-bounded LRU and the other one's copied back in,
+so a follow-up question reads only its own tokens, like ``PrefixKVCache`` on the PyTorch path.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from mipha_core.caching import ByteBoundedLRU, CacheKey, realign_replies, shared_prefix_length
+from mipha_core.engine import CacheSettings
+from mipha_core.fitting import MIN_REPLY_TOKENS, FittedEngine, PreparedPrompt, PromptFitter
+from mipha_core.generation import CountingTextStreamer, GenerationParams, TokenSampler
+from mipha_core.llama_cpp_runtime import DecodeAbortedError, LlamaCppContext
+from mipha_core.photos import PhotoFeatures, photo_key
+from mipha_core.preprocessing import ImagePreprocessor
+from mipha_core.prompt import PhiPromptStyle
+from mipha_core.streaming import ReplyStream
+from mipha_core.vision import VisionEncoder
+
+logger = logging.getLogger(__name__)
+
+_ABORT_POLL_SECONDS = 0.05
+
+
+@dataclass
+class _Sequence:
+    """What a context holds (or held, once saved): whose conversation, which ids, which photo behind the image ids."""
+
+    key: CacheKey | None = None
+    token_ids: list[int] = field(default_factory=list)
+    """The ids read, and the reply's last token too (which was sampled but never read)."""
+    image_key: str | None = None
+
+    def read_ids(self, length: int) -> list[int]:
+        return self.token_ids[:length]
+
+
+@dataclass(frozen=True)
+class _Saved:
+    sequence: _Sequence
+    state: bytes
+
+
+class LlamaCppEngine(FittedEngine):
+    """A Mipha model whose language model runs on llama.cpp (one reply at a time) and vision tower in PyTorch."""
+
+    def __init__(
+        self,
+        *,
+        context: LlamaCppContext,
+        vision: VisionEncoder,
+        tokenizer: PreTrainedTokenizerBase,
+        preprocessor: ImagePreprocessor,
+        model_id: str,
+        precision_label: str,
+        context_length: int,
+        image_tokens: int,
+        image_token_id: int,
+        caches: CacheSettings = CacheSettings(),
+    ) -> None:
+        self.context = context
+        self.tokenizer = tokenizer
+        self.model_id = model_id
+        self.precision_label = precision_label
+        self.end_token_id = tokenizer.convert_tokens_to_ids(PhiPromptStyle.stop_text)
+        self.image_token_id = image_token_id
+        self.fitter = PromptFitter(tokenizer, context_length=context_length, image_tokens=image_tokens,
+                                   image_token_id=image_token_id)
+        self.suppressed_ids = list(range(len(tokenizer), context.vocab_size))
+        self.photo_features = PhotoFeatures(
+            preprocessor=preprocessor,
+            encode=vision,
+            max_bytes=caches.image_feature_bytes,
+        )
+        self._saved: ByteBoundedLRU[_Saved] = ByteBoundedLRU(caches.kv_cache_bytes)
+        self._held = _Sequence()
+        self._lock = threading.Lock()
+
+    @property
+    def label(self) -> str:
+        """What runs, for a person: e.g. "zhumj34/Mipha-3B · int8 · CPU (llama.cpp)"."""
+        return f"{self.model_id} · {self.precision_label}"
+
+    def stream(
+        self,
+        messages: Sequence[dict[str, Any]],
+        *,
+        max_new_tokens: int = 512,
+        temperature: float = 0.2,
+        top_p: float = 1.0,
+        cancel: threading.Event | None = None,
+        cache: CacheKey | None = None,
+        min_new_tokens: int = MIN_REPLY_TOKENS,
+        seed: int | None = None,
+    ) -> ReplyStream:
+        """Start a reply to the last user message; the same contract as ``Engine.stream``.
+
+        ``reused_tokens`` is the estimate at this moment; the reply corrects it once it holds the
+        context (another conversation's reply may have run in between).
+        """
+        params = GenerationParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+        prepared = self.prepare(messages, max_new_tokens=params.max_new_tokens, min_new_tokens=min_new_tokens)
+        params = replace(params, max_new_tokens=prepared.max_new_tokens)
+        cancel = cancel or threading.Event()
+        image_key = photo_key(prepared.image) if prepared.image is not None else None
+
+        def run(streamer: CountingTextStreamer) -> torch.Tensor:
+            with self._held_for(cache, cancel) as held:
+                if held is None:
+                    streamer.end()
+                    return torch.tensor([prepared.token_ids])
+                return self._reply(prepared, params, held=held, cache=cache, image_key=image_key, seed=seed,
+                                   cancel=cancel, streamer=streamer, reply=reply)
+
+        reply = ReplyStream(
+            run=run,
+            streamer=CountingTextStreamer(self.tokenizer),
+            cancel=cancel,
+            prompt_tokens=prepared.prompt_tokens,
+            dropped_turns=prepared.dropped_turns,
+            reused_tokens=self._expected_reuse(cache, prepared.token_ids, image_key),
+            max_new_tokens=params.max_new_tokens,
+            end_token_id=self.end_token_id,
+        )
+        return reply
+
+    def forget(self, cache: CacheKey) -> None:
+        """Free the KV state kept for a conversation, e.g. when it is deleted."""
+        self._saved.pop(cache)
+        with self._lock:
+            if self._held.key == cache:
+                self.context.truncate(0)
+                self._held = _Sequence()
+
+    def close(self) -> None:
+        with self._lock:
+            self.context.close()
+
+    def _reply(self, prepared: PreparedPrompt, params: GenerationParams, *, held: _Sequence, cache: CacheKey | None,
+               image_key: str | None, seed: int | None, cancel: threading.Event, streamer: CountingTextStreamer,
+               reply: ReplyStream) -> torch.Tensor:
+        ids = prepared.token_ids
+        if held.token_ids:
+            ids = realign_replies(held.token_ids, ids, end_token_id=self.end_token_id, decode=self.tokenizer.decode,
+                                  image_token_id=self.image_token_id)
+        keep = shared_prefix_length(held.read_ids(self.context.length), held.image_key, ids, image_key,
+                                    image_token_id=self.image_token_id)
+        self.context.truncate(keep)
+        held.token_ids, held.image_key = held.token_ids[:keep], image_key if keep else None
+        reply.reused_tokens = keep
+        generated: list[int] = []
+        streamer.put(torch.tensor([ids]))  # the prompt, which the streamer skips
+        try:
+            with self._aborting_on(cancel):
+                self._read_prompt(ids, keep, prepared, owner=cache.owner if cache else None, streamer=streamer)
+                held.image_key = image_key
+                sampler = TokenSampler(params, suppressed_ids=self.suppressed_ids, seed=seed)
+                while True:
+                    token = sampler(self.context.last_logits())
+                    generated.append(token)
+                    streamer.put(torch.tensor([token]))
+                    if token == self.end_token_id or len(generated) >= params.max_new_tokens or cancel.is_set():
+                        break
+                    self.context.read_tokens([token], logits_for_last=True)
+        except DecodeAbortedError:
+            logger.debug("reply stopped while llama.cpp was reading")
+        finally:
+            read = self.context.length
+            held.token_ids = ids + generated if read >= len(ids) else ids[:read]
+            if cache is None:
+                self.context.truncate(0)
+                self._held = _Sequence()
+            streamer.end()
+        return torch.tensor([ids + generated])
+
+    def _read_prompt(self, ids: list[int], start: int, prepared: PreparedPrompt, *, owner: str | None,
+                     streamer: CountingTextStreamer) -> None:
+        """Read ``ids[start:]``: text as token ids, the image's positions as its projected features."""
+        position = start
+        if prepared.image is not None and self.image_token_id in ids:
+            first = ids.index(self.image_token_id)
+            end = first + self.image_tokens
+            if position < end:
+                if position < first:
+                    self.context.read_tokens(ids[position:first], logits_for_last=False)
+                features, seconds = self.photo_features.get(prepared.image, owner=owner)
+                streamer.vision_seconds = seconds
+                self.context.read_embeddings(features[max(position - first, 0):], logits_for_last=end == len(ids))
+                position = end
+        if position < len(ids):
+            self.context.read_tokens(ids[position:], logits_for_last=True)
+
+    def _expected_reuse(self, cache: CacheKey | None, token_ids: list[int], image_key: str | None) -> int:
+        if cache is None:
+            return 0
+        held = self._held if self._held.key == cache else None
+        if held is None:
+            saved = self._saved.get(cache)
+            held = saved.sequence if saved else None
+        if held is None:
+            return 0
+        return shared_prefix_length(held.token_ids, held.image_key, token_ids, image_key,
+                                    image_token_id=self.image_token_id)
+
+    @contextmanager
+    def _held_for(self, cache: CacheKey | None, cancel: threading.Event) -> Iterator[_Sequence | None]:
+        """The context, holding ``cache``'s conversation where it was kept; None when cancelled while waiting."""
+        while not self._lock.acquire(timeout=_ABORT_POLL_SECONDS):
+            if cancel.is_set():
+                yield None
+                return
+        try:
+            yield self._switch_to(cache)
+        finally:
+            self._lock.release()
+
+    def _switch_to(self, key: CacheKey | None) -> _Sequence:
+        """Make the context hold ``key``'s conversation: save the one it holds, restore ``key``'s if kept."""
+        held = self._held
+        if key is not None and held.key == key:
+            return held
+        if held.key is not None and held.token_ids:
+            state = self.context.snapshot()
+            self._saved.put(held.key, _Saved(sequence=held, state=state), len(state))
+        self.context.truncate(0)
+        saved = self._saved.pop(key) if key is not None else None
+        if saved is not None and self.context.restore(saved.state):
+            self._held = replace(saved.sequence, token_ids=list(saved.sequence.token_ids))
+        else:
+            self._held = _Sequence(key=key)
+        return self._held
+
+    @contextmanager
+    def _aborting_on(self, cancel: threading.Event) -> Iterator[None]:
+        """While inside, setting ``cancel`` stops llama.cpp mid-computation, within one graph node."""
+        done = threading.Event()
+
+        def watch() -> None:
+            while not done.is_set():
+                if cancel.wait(_ABORT_POLL_SECONDS):
+                    self.context.abort()
+                    return
+
+        self.context.resume()
+        watcher = threading.Thread(target=watch, name="mipha-llama-abort", daemon=True)
+        watcher.start()
+        try:
+            yield
+        finally:
+            done.set()
+            watcher.join()
+            self.context.resume()

@@ -1,0 +1,195 @@
+"""The language model on llama.cpp: the real GGUF conversion and llama.cpp's kernels, checked against
+the fp32 PyTorch model on the tiny checkpoint (photo included), plus follow-ups, switching and Stop."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from mipha_core import CacheKey, load_engine
+from mipha_core.checkpoint import read_checkpoint_config
+from mipha_core.gguf_export import GGUF_PRECISIONS, language_model_gguf, read_gguf_metadata
+from mipha_core.llama_cpp_engine import LlamaCppEngine
+from mipha_core.llama_cpp_runtime import DecodeAbortedError, LlamaCppContext
+from mipha_core.precision import ModelSize, choose_precision
+from tests.core.conftest import assistant, user
+
+PRECISIONS = ["fp16", "int8", "int4"]
+
+
+@pytest.fixture(scope="module")
+def gguf_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("gguf-data")
+
+
+@pytest.fixture(scope="module")
+def llama_engines(tiny_checkpoint: Path, gguf_dir: Path) -> dict[str, LlamaCppEngine]:
+    quantization = {"fp16": None, "int8": "8bit", "int4": "4bit"}
+    engines = {}
+    for name in ("int8", "int4"):
+        engines[name] = load_engine(str(tiny_checkpoint), device="cpu", quantization=quantization[name],
+                                    runtime="llama.cpp", data_dir=gguf_dir)
+    return engines
+
+
+def _first_token_logits(engine, messages) -> torch.Tensor:
+    inputs = engine.encode(messages)
+    with torch.no_grad():
+        return engine.model(**inputs).logits[0, -1]
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_every_gguf_precision_keeps_the_greedy_first_token_after_a_photo(engine, tiny_checkpoint, gguf_dir, photo,
+                                                                         precision):
+    messages = [user("What is in this photo?", photo)]
+    expected = _first_token_logits(engine, messages)
+    checkpoint = read_checkpoint_config(tiny_checkpoint)
+    path = language_model_gguf(tiny_checkpoint, checkpoint, precision=GGUF_PRECISIONS[precision],
+                               cache_dir=gguf_dir)
+    assert read_gguf_metadata(path)["general.file_type"] == GGUF_PRECISIONS[precision].llama_ftype
+    context = LlamaCppContext(path, context_length=checkpoint.context_length, threads=1)
+    try:
+        prepared = engine.prepare(messages, max_new_tokens=8)
+        ids = prepared.token_ids
+        first = ids.index(checkpoint.llava.image_token_id)
+        features = engine.model.model.get_image_features(pixel_values=engine.encode(messages)["pixel_values"])
+        context.read_tokens(ids[:first], logits_for_last=False)
+        context.read_embeddings(features.pooler_output[0], logits_for_last=False)
+        context.read_tokens(ids[first + checkpoint.image_tokens:], logits_for_last=True)
+        got = context.last_logits()[: expected.shape[0]]
+    finally:
+        context.close()
+    real = slice(0, len(engine.tokenizer))
+    assert int(got[real].argmax()) == int(expected[real].argmax())
+    if precision == "fp16":
+        assert torch.allclose(got[real], expected[real], atol=0.05)
+
+
+def test_the_engine_greedy_reply_matches_pytorch(engine, llama_engines, photo):
+    messages = [user("Describe the photo.", photo)]
+    expected = engine.stream(messages, max_new_tokens=12, temperature=0).text()
+    reply = llama_engines["int8"].stream(messages, max_new_tokens=12, temperature=0)
+    assert reply.text()[:1] == expected[:1]
+    assert reply.stats.completion_tokens >= 1
+    assert reply.stats.vision_seconds is not None
+
+
+def test_auto_on_a_cpu_takes_llama_cpp_int8_and_explicit_flags_win(tiny_checkpoint, gguf_dir):
+    roomy = load_engine(str(tiny_checkpoint), device="cpu", data_dir=gguf_dir, free_bytes=64 * 1024**3)
+    assert isinstance(roomy, LlamaCppEngine)
+    assert roomy.label.endswith("int8 · CPU (llama.cpp)")
+    explicit = load_engine(str(tiny_checkpoint), device="cpu", dtype="float32", data_dir=gguf_dir)
+    assert not isinstance(explicit, LlamaCppEngine)
+    assert explicit.label.endswith("fp32 · CPU")
+
+
+MIPHA_3B = ModelSize(language_params=2_780_000_000, vision_params=412_000_000, layers=32, hidden=2560,
+                     context_length=2048)
+
+
+@pytest.mark.parametrize(("free_gb", "expected"), [(64, "int8"), (7, "int8"), (4.5, "int4"), (2, "int4")])
+def test_auto_takes_the_fastest_faithful_precision_that_fits_mipha_3b(free_gb, expected):
+    chosen = choose_precision(device="cpu", dtype="auto", quantization=None, runtime="auto", size=MIPHA_3B,
+                              llama_cpp_problem=None, free_bytes=int(free_gb * 1024**3))
+    assert (chosen.runtime, chosen.weights) == ("llama.cpp", expected)
+
+
+def test_the_gguf_file_is_built_once(tiny_checkpoint, gguf_dir):
+    checkpoint = read_checkpoint_config(tiny_checkpoint)
+    first = language_model_gguf(tiny_checkpoint, checkpoint, precision=GGUF_PRECISIONS["int8"], cache_dir=gguf_dir)
+    written = first.stat().st_mtime_ns
+    again = language_model_gguf(tiny_checkpoint, checkpoint, precision=GGUF_PRECISIONS["int8"], cache_dir=gguf_dir)
+    assert again == first and again.stat().st_mtime_ns == written
+    assert not list(gguf_dir.glob("*.partial"))
+
+
+def test_a_follow_up_reads_only_its_own_tokens_and_answers_as_a_fresh_read(llama_engines, photo):
+    engine = llama_engines["int8"]
+    key = CacheKey(owner="ann", conversation="c1")
+    first_turn = [user("What is in this photo?", photo)]
+    first = engine.stream(first_turn, max_new_tokens=10, temperature=0, cache=key)
+    answer = first.text()
+    follow_up = [*first_turn, assistant(answer), user("And the colours?")]
+    cached = engine.stream(follow_up, max_new_tokens=10, temperature=0, cache=key)
+    cached_text = cached.text()
+    # the photo and the first question are not read again (the random model's reply starts without
+    # the space the prompt puts after "ASSISTANT:", so from there on the prompt differs from what it saw)
+    assert cached.stats.reused_tokens >= first.stats.prompt_tokens
+    assert cached.stats.vision_seconds is None
+    fresh = engine.stream(follow_up, max_new_tokens=10, temperature=0).text()
+    assert cached_text == fresh
+
+
+def test_another_conversation_in_between_keeps_the_first_ones_state(llama_engines, photo):
+    engine = llama_engines["int8"]
+    ann, bob = CacheKey("ann", "a"), CacheKey("bob", "b")
+    ann_turn = [user("What is in this photo?", photo)]
+    ann_answer = engine.stream(ann_turn, max_new_tokens=8, temperature=0, cache=ann).text()
+    engine.stream([user("Hello there", Image.new("RGB", (40, 40), (0, 90, 200)))], max_new_tokens=8,
+                  temperature=0, cache=bob).text()
+    again = engine.stream([*ann_turn, assistant(ann_answer), user("Why?")], max_new_tokens=8, temperature=0,
+                          cache=ann)
+    again.text()
+    assert again.stats.reused_tokens > engine.image_tokens
+    assert again.stats.vision_seconds is None
+
+
+def test_a_cancelled_reply_stops_before_reading_and_keeps_nothing_broken(llama_engines, photo):
+    engine = llama_engines["int8"]
+    cancel = threading.Event()
+    cancel.set()
+    reply = engine.stream([user("What is in this photo?", photo)], max_new_tokens=50, cancel=cancel)
+    assert reply.text() == ""
+    assert reply.stats.finish_reason == "cancelled"
+    after = engine.stream([user("What is in this photo?", photo)], max_new_tokens=4, temperature=0)
+    assert after.text()
+
+
+def test_abort_stops_llama_cpp_mid_read_and_keeps_what_it_finished(tiny_checkpoint, gguf_dir):
+    checkpoint = read_checkpoint_config(tiny_checkpoint)
+    path = language_model_gguf(tiny_checkpoint, checkpoint, precision=GGUF_PRECISIONS["int8"], cache_dir=gguf_dir)
+    context = LlamaCppContext(path, context_length=checkpoint.context_length, threads=1)
+    try:
+        context.read_tokens(list(range(10, 30)), logits_for_last=True)
+        context.abort()
+        with pytest.raises(DecodeAbortedError):
+            context.read_tokens(list(range(30, 40)), logits_for_last=True)
+        assert context.length == 20
+        context.resume()
+        context.read_tokens(list(range(30, 40)), logits_for_last=True)
+        assert context.length == 30
+    finally:
+        context.close()
+
+
+def test_without_llama_cpp_auto_falls_back_to_pytorch_with_a_log_line(tiny_checkpoint, caplog):
+    size = ModelSize(language_params=10**6, vision_params=10**5, layers=2, hidden=64, context_length=2048)
+    with caplog.at_level(logging.WARNING):
+        chosen = choose_precision(device="cpu", dtype="auto", quantization=None, runtime="auto", size=size,
+                                  llama_cpp_problem="llama-cpp-python is not installed", free_bytes=8 * 1024**3)
+    assert chosen.runtime == "torch"
+    assert "runs on PyTorch instead" in caplog.text
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"runtime": "llama.cpp", "llama_cpp_problem": "llama-cpp-python is not installed"}, "make run"),
+    ({"runtime": "gpu"}, "--runtime gpu is not a runtime"),
+])
+def test_impossible_runtime_requests_say_the_way_out(options, message):
+    from mipha_core.errors import ModelLoadError
+    size = ModelSize(language_params=10**6, vision_params=10**5, layers=2, hidden=64, context_length=2048)
+    arguments = {"device": "cpu", "dtype": "auto", "quantization": None, "runtime": "auto", "size": size,
+                 "llama_cpp_problem": None} | options
+    with pytest.raises(ModelLoadError, match=message):
+        choose_precision(**arguments)
+
+
+def test_pytorch_on_a_cpu_without_room_for_fp32_takes_less():
+    chosen = choose_precision(device="cpu", dtype="auto", quantization=None, runtime="torch", size=MIPHA_3B,
+                              llama_cpp_problem=None, free_bytes=6 * 1024**3)
+    assert chosen.weights in ("int8", "int4") and chosen.runtime == "torch"
