@@ -8,8 +8,14 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-from mipha_core import Engine, ModelLoadError
+from mipha_core import TINY_MODEL, Engine, ModelLoadError, RemoteEngine
+from mipha_core.precision import Precision
+
+if TYPE_CHECKING:
+    from mipha_core.llama_cpp_engine import LlamaCppEngine
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +31,10 @@ class ModelStatus:
     state: ModelState
     model: str
     message: str
-    """What to tell the user: progress, the model id, or the cause of a failure and the way out."""
+    """What to tell the user: progress, what runs, or the cause of a failure and the way out."""
+    runs_on: str | None = None
+    """Once ready, the model's name and what runs it, for the page: "Mipha-3B · int8 · CPU (llama.cpp)".
+    Never a filesystem path (see `display_name`)."""
 
 
 class ModelNotReadyError(Exception):
@@ -37,6 +46,7 @@ class ModelSlot:
 
     def __init__(self, model: str) -> None:
         self._model = model
+        self._name = display_name(model)
         self._engine: Engine | None = None
         self._error: str | None = None
         self._started = time.monotonic()
@@ -90,7 +100,8 @@ class ModelSlot:
 
     def status(self) -> ModelStatus:
         if self._engine is not None:
-            return ModelStatus(ModelState.READY, self._model, self._engine.label)
+            runs_on = f"{self._name} · {precision_text(self._engine)}"
+            return ModelStatus(ModelState.READY, self._model, runs_on, runs_on=runs_on)
         if self._error is not None:
             return ModelStatus(ModelState.FAILED, self._model, self._error)
         return ModelStatus(ModelState.LOADING, self._model, f"Loading {self._model}… ({self.elapsed:.0f} s)")
@@ -105,3 +116,24 @@ class ModelSlot:
             f"The model {self._model} is still loading ({self.elapsed:.0f} s so far). "
             "Your message is still in the box: send it again in a moment."
         )
+
+
+def display_name(model: str) -> str:
+    """The model as the page names it: "tiny demo model", a local folder's name (never its path), or the Hub id."""
+    if model == TINY_MODEL:
+        return "tiny demo model"
+    folder = Path(model).expanduser()
+    if folder.is_dir() or folder.is_absolute() or model.startswith((".", "~")):
+        return folder.resolve().name or "local model"
+    return model
+
+
+def precision_text(engine: Engine | LlamaCppEngine | RemoteEngine) -> str:
+    """What runs the model: the engine's precision label ("int8 · CPU (llama.cpp)"), the dtype and
+    device of an engine built without one, or, for a model server, that the replies come from it."""
+    if isinstance(engine, RemoteEngine):
+        return "replies come from the model server"
+    if engine.precision_label:
+        return engine.precision_label
+    dtype = str(engine.dtype).removeprefix("torch.")  # an `Engine` built by hand: its weights' format
+    return Precision("torch", engine.device, engine.dtype, weights=dtype).label

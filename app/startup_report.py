@@ -1,7 +1,8 @@
 """The lines the terminal shows a person at start: what runs where, and the address to open.
 
 They describe what was configured (device and precision as `load_engine` will choose them), not
-how loading went: the model loads in the background and reports that in the log.
+how loading went: the model loads in the background and reports that in the log (and the page
+says what runs once it is ready).
 """
 
 from __future__ import annotations
@@ -16,9 +17,14 @@ from sqlalchemy.engine import make_url
 from app.settings import Settings
 from mipha_core import TINY_MODEL, ModelLoadError
 from mipha_core.devices import choose_device, choose_dtype
+from mipha_core.llama_cpp_runtime import llama_cpp_available
 from mipha_core.loading import uses_packed_cpu_kernels
+from mipha_core.precision import ModelSize, Precision, choose_precision
 
 SHORT_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+_NO_SIZE = ModelSize(language_params=0, vision_params=0, layers=0, hidden=0, context_length=0)
+_AMPLE_BYTES = 2**60
+"""With no size and this much memory, `choose_precision` takes its first choice without measuring."""
 
 
 def startup_lines(settings: Settings, *, device: str, precision: str, share_url: str | None,
@@ -62,26 +68,57 @@ def describe_model(model: str) -> str:
 
 
 def describe_hardware(settings: Settings) -> tuple[str, str]:
-    """Device and precision as `load_engine` will pick them; "auto" is resolved and says so."""
+    """Device and precision as `load_engine` will pick them; "auto" is resolved and says so.
+
+    The precision is `choose_precision`'s first choice; where it also depends on the free memory
+    (known only once the checkpoint is read), the report says it is chosen at load.
+    """
     if settings.remote_engine is not None:
         url = urlsplit(settings.remote_engine.url)
         return f"model server at {url.scheme}://{url.netloc}{url.path}", "the server's"
     try:
         device = choose_device(settings.device)
-        dtype = choose_dtype(settings.dtype, device)
+        choose_dtype(settings.dtype, device)
     except ModelLoadError:  # the loader reports the same error with its way out
         return f"{settings.device} (cannot be used here: see the error in the log)", settings.dtype
-    auto = " (auto)"
-    device_text = str(device) + (auto if settings.device == "auto" else "")
-    dtype_text = SHORT_DTYPES[str(dtype).removeprefix("torch.")]
-    if settings.quantization is None:
-        return device_text, dtype_text + (auto if settings.dtype == "auto" else "")
-    bits = "int8" if settings.quantization == "8bit" else "int4"
-    if uses_packed_cpu_kernels(device, dtype):
+    device_text = str(device) + (" (auto)" if settings.device == "auto" else "")
+    llama_cpp_problem = llama_cpp_available()
+    try:
+        precision = first_choice(settings, llama_cpp_problem=llama_cpp_problem)
+    except ModelLoadError:
+        return device_text, f"--runtime {settings.runtime} cannot be used here: see the error in the log"
+    text = describe_precision(precision, chosen_at_load=settings.dtype == "auto" and settings.quantization is None)
+    if llama_cpp_problem and first_choice(settings, llama_cpp_problem=None).runtime == "llama.cpp":
+        text += f"; llama.cpp would be faster, but {llama_cpp_problem}"
+    return device_text, text
+
+
+def first_choice(settings: Settings, *, llama_cpp_problem: str | None) -> Precision:
+    """`choose_precision` with memory to spare: the precision `load_engine` takes where the model fits."""
+    # without llama.cpp, "auto" and "torch" choose alike; "torch" spares the log the loader's warning twice
+    runtime = "torch" if llama_cpp_problem and settings.runtime == "auto" else settings.runtime
+    return choose_precision(device=settings.device, dtype=settings.dtype, quantization=settings.quantization,
+                            runtime=runtime, size=_NO_SIZE, llama_cpp_problem=llama_cpp_problem,
+                            free_bytes=_AMPLE_BYTES)
+
+
+def describe_precision(precision: Precision, *, chosen_at_load: bool) -> str:
+    """For the report: "int8 language model (llama.cpp), fp32 vision encoder", "bf16", or, where
+    `chosen_at_load`, the first choice and that a smaller format is taken when memory is short."""
+    weights, vision = precision.weights, SHORT_DTYPES[str(precision.dtype).removeprefix("torch.")]
+    if chosen_at_load and precision.runtime == "llama.cpp":
+        return f"chosen at load from free memory (llama.cpp {weights}, or int4 when memory is short)"
+    if chosen_at_load:
+        return f"chosen at load from free memory (PyTorch {weights}, or smaller down to int4 when memory is short)"
+    if precision.runtime == "llama.cpp":
+        return f"{weights} language model (llama.cpp), {vision} vision encoder"
+    if precision.quantization is None:
+        return weights
+    if uses_packed_cpu_kernels(precision.device, precision.dtype):
         kernels = "torch's packed CPU kernels"
     else:
-        kernels = "bitsandbytes NF4" if bits == "int4" else "bitsandbytes"
-    return device_text, f"{bits} language model ({kernels}), {dtype_text} vision encoder"
+        kernels = "bitsandbytes NF4" if weights == "int4" else "bitsandbytes"
+    return f"{weights} language model ({kernels}), {vision} vision encoder"
 
 
 def listens_everywhere(host: str) -> bool:

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import expect
 
-from tests.browser_support import notice, poll
+from tests import browser_support as support
+from tests.browser_support import WINDOW_SIZES, WindowSize, notice, poll
 
 pytestmark = pytest.mark.browser
 
@@ -118,3 +119,26 @@ def test_a_non_image_upload_shows_a_notice(app_server, visitor, app_screenshot, 
     listed = page.locator("#conversation-list").inner_text()
     assert "What is this?" not in listed and "What is in my notes?" not in listed  # nothing was stored
     page.close()
+
+
+@pytest.mark.parametrize("size", WINDOW_SIZES)
+def test_the_ready_page_says_which_model_runs_and_in_what_precision(app_server, app_browser, size: WindowSize):
+    """Once the model is ready, a muted line under the composer names it and its precision (the tiny
+    app runs llama.cpp in int8 on the CPU), on screen and accessible in both themes."""
+    with support.visitor(app_browser, size, color_scheme="light") as context:
+        page = support.open_app(context, app_server)
+        line = page.locator("#model-runs-on .runs-on")
+        expect(line).to_have_text("Model: tiny demo model · int8 · CPU (llama.cpp)", timeout=120_000)
+        expect(page.locator("#model-status")).to_be_hidden()  # the loading banner is gone
+        support.assert_on_screen(page, "#model-runs-on .runs-on")
+        assert support.document_scroll(page)["scrollWidth"] <= support.document_scroll(page)["innerWidth"]
+        found = {}
+        for theme in ("light", "dark"):
+            if theme == "dark":
+                support.switch_to_dark(page)
+            support.wait_until_still(page)
+            support.screenshot(page, f"model-line-{size.name}-{theme}")
+            found[theme] = support.axe_violations(page)
+    assert not any(found.values()), "\n".join(
+        f"axe-core ({size.name}, {theme}):\n{support.describe_violations(violations)}"
+        for theme, violations in found.items() if violations)

@@ -150,19 +150,13 @@ def test_start_up_says_what_runs_where_in_plain_lines_without_library_noise(tmp_
     assert report[1:] == [
         "  Model:      tiny (small random model to try the interface; its replies are noise)",
         "  Device:     cpu",
-        f"  Precision:  {loader_precision(output)} (auto)",
+        "  Precision:  chosen at load from free memory (llama.cpp int8, or int4 when memory is short)",
         f"  Data:       {(tmp_path / 'data').resolve()}",
         f"  Open:       {app.url}",
     ]
+    assert re.search(r"loading tiny as int[84] · CPU \(llama\.cpp\)", output)  # what the loader then chose
     assert "setup plugin" not in output and "INFO alembic" not in output  # its warnings would still show
     assert "share=True" not in output and "Running on local URL" not in output
-
-
-def loader_precision(output: str) -> str:
-    """The dtype the model loader logged ("loading tiny on cpu as torch.float32"), as the report writes it."""
-    match = re.search(r"loading tiny on cpu as torch\.(\w+)", output)
-    assert match, output[-3000:]
-    return {"float32": "fp32", "bfloat16": "bf16"}[match.group(1)]
 
 
 def test_public_bind_names_the_network_address_and_failed_share_link_warns(tmp_path):
@@ -232,6 +226,27 @@ def test_report_lines_for_a_share_link_a_space_and_a_database_url():
 ])
 def test_precision_names_what_the_loader_will_use(argv, precision):
     assert startup_report.describe_hardware(parse(argv)) == ("cpu", precision)
+
+
+LLAMA_CPP_MISSING = "llama-cpp-python is not usable here (No module named 'llama_cpp')"
+
+
+@pytest.mark.parametrize("argv, problem, precision", [
+    ([], None, r"chosen at load from free memory \(llama\.cpp int8, or int4 when memory is short\)"),
+    (["--load-4bit"], None, r"int4 language model \(llama\.cpp\), (fp32|bf16) vision encoder"),
+    (["--runtime", "torch"], None,
+     r"chosen at load from free memory \(PyTorch (fp32|bf16), or smaller down to int4 when memory is short\)"),
+    ([], LLAMA_CPP_MISSING,
+     (r"chosen at load from free memory \(PyTorch (fp32|bf16), or smaller down to int4 when memory is short\); "
+      r"llama\.cpp would be faster, but llama-cpp-python is not usable here \(No module named 'llama_cpp'\)")),
+    (["--runtime", "torch"], LLAMA_CPP_MISSING, r"chosen at load from free memory \(PyTorch [^;]*\)"),
+    (["--dtype", "float32"], LLAMA_CPP_MISSING, r"fp32"),  # --dtype picks PyTorch: llama.cpp is not missed
+    (["--runtime", "llama.cpp"], LLAMA_CPP_MISSING, r"--runtime llama\.cpp cannot be used here: see the error in the log"),
+])
+def test_auto_precision_on_the_cpu_is_chosen_at_load_and_says_so(monkeypatch, argv, problem, precision):
+    monkeypatch.setattr(startup_report, "llama_cpp_available", lambda: problem)
+    device, described = startup_report.describe_hardware(parse(["--device", "cpu", *argv]))
+    assert device == "cpu" and re.fullmatch(precision, described), described
 
 
 def test_a_device_that_cannot_be_used_is_reported_as_asked_for():

@@ -9,7 +9,7 @@ from typing import Any
 
 import gradio as gr
 
-from app.model_slot import ModelSlot, ModelState
+from app.model_slot import ModelSlot, ModelState, ModelStatus
 from app.page_view import KEEP, Notice, PageView
 from app.settings import Settings
 from app.ui.regions import (
@@ -91,13 +91,21 @@ class Page:
                 k.regenerate: gr.update(interactive=ready and not busy)}
 
     def status(self) -> dict[gr.components.Component, Any]:
-        """The model banner (hidden once ready) and Send; the timer that refreshes them runs while loading."""
+        """The model banner (hidden once ready), the line saying what runs the model (shown once
+        ready) and Send; the timer that refreshes them runs while loading."""
         status = self.model.status()
         banner = gr.update(value=status_text(status.state, status.message, local=self.settings.is_local_only),
                            visible=status.state is not ModelState.READY,
                            elem_classes=["failed"] if status.state is ModelState.FAILED else [])
+        line = runs_on_html(status)
         send = self.buttons(busy=False)[self.composer.send]
-        return {self.chat.status: banner, self.composer.send: send}
+        return {self.chat.status: banner, self.composer.runs_on: gr.update(value=line, visible=bool(line)),
+                self.composer.send: send}
+
+    @property
+    def status_outputs(self) -> list[gr.components.Component]:
+        """What `status` updates, for the events that call it."""
+        return [self.chat.status, self.composer.runs_on, self.composer.send]
 
     def _share(self, path: str | None) -> dict[gr.components.Component, Any]:
         s = self.sidebar
@@ -121,6 +129,13 @@ def notice_html(notice: Notice) -> str:
     if not notice.text:
         return ""
     return f'<p class="notice {notice.kind} n-{next(_notice_numbers)}">{html.escape(notice.text)}</p>'
+
+
+def runs_on_html(status: ModelStatus) -> str:
+    """The line under the composer once the model is ready ("" before): its name and what runs it."""
+    if status.runs_on is None:
+        return ""
+    return f'<p class="runs-on">Model: {html.escape(status.runs_on)}</p>'
 
 
 def status_text(state: ModelState, message: str, *, local: bool) -> str:

@@ -1,7 +1,7 @@
 """The page's regions, each built by one small function inside the `gr.Blocks` context.
 
 Stable `elem_id`s (tests and `assets/app.js` find things by them): chat-input, send-button,
-stop-button, regenerate-button, new-chat-button, conversation-list, chatbot, search-box.
+stop-button, regenerate-button, new-chat-button, conversation-list, chatbot, search-box, model-runs-on.
 """
 
 from __future__ import annotations
@@ -64,6 +64,8 @@ class ComposerRegion:
     send: gr.Button
     stop: gr.Button
     regenerate: gr.Button
+    runs_on: gr.Markdown
+    """The muted line under the buttons, once the model is ready: its name and what runs it."""
 
 
 @dataclass(frozen=True)
@@ -136,7 +138,8 @@ def chat(status_text: str, *, status_visible: bool) -> ChatRegion:
     return ChatRegion(status, chatbot, context)
 
 
-def composer(settings: Settings) -> ComposerRegion:
+def composer(settings: Settings, *, runs_on: str) -> ComposerRegion:
+    """The composer; `runs_on` is the first value of the line saying what runs the model ("" hides it)."""
     with gr.Column(elem_id="composer"):
         notice = gr.Markdown("", elem_id="composer-notice")
         with gr.Row(visible=False, elem_id="editing-bar") as editing_row:
@@ -155,7 +158,8 @@ def composer(settings: Settings) -> ComposerRegion:
             send = gr.Button("Send", variant="primary", elem_id="send-button", scale=2, interactive=False)
             stop = gr.Button("Stop", variant="stop", elem_id="stop-button", interactive=False)
             regenerate = gr.Button("Regenerate", elem_id="regenerate-button", interactive=False)
-    return ComposerRegion(notice, editing_row, editing_label, cancel_edit, text, send, stop, regenerate)
+        runs_on_line = gr.Markdown(runs_on, elem_id="model-runs-on", visible=bool(runs_on))
+    return ComposerRegion(notice, editing_row, editing_label, cancel_edit, text, send, stop, regenerate, runs_on_line)
 
 
 def hidden_state() -> HiddenState:

@@ -21,7 +21,7 @@ from app.model_slot import ModelState
 from app.services import Services
 from app.ui import regions
 from app.ui.assets import EXAMPLES, example_messages
-from app.ui.page import Page, status_text
+from app.ui.page import Page, runs_on_html, status_text
 
 ATTACH_LIMIT = 24
 """Pages following replies at once. Each holds one of the 40 threads Gradio runs events on while
@@ -41,7 +41,7 @@ def build_app(services: Services) -> gr.Blocks:
         sidebar = regions.sidebar(settings)
         chat = regions.chat(status_text(model_status.state, model_status.message, local=settings.is_local_only),
                             status_visible=model_status.state is not ModelState.READY)
-        composer = regions.composer(settings)
+        composer = regions.composer(settings, runs_on=runs_on_html(model_status))
         params = regions.generation_settings(settings)
         timer = gr.Timer(1.0, active=model_status.state is ModelState.LOADING)
         page = Page(sidebar, params, chat, composer, state, services.model, settings)
@@ -76,13 +76,13 @@ def _connect(demo: gr.Blocks, page: Page, h: Handlers, library: Library, timer: 
     def address_of(request: gr.Request) -> str:
         return request.query_params.get("c", "") if request is not None else ""
 
-    # page load: the address's conversation (or a new chat), the model banner, and the composer
+    # page load: the address's conversation (or a new chat), the model banner and line, and the composer
     loaded = demo.load(address_of, None, [st.address], api_name=False, show_progress="hidden").then(
         on(h.load), [st.address], outputs, api_name=False, show_progress="hidden")
     then_attach(loaded)
-    demo.load(page.status, None, [c.status, k.send], api_name=False, queue=False)
+    demo.load(page.status, None, page.status_outputs, api_name=False, queue=False, show_progress="hidden")
     timer.tick(lambda: {**page.status(), timer: gr.Timer(active=_loading(page))}, None,
-               [c.status, k.send, timer], api_name=False, show_progress="hidden", queue=False)
+               [*page.status_outputs, timer], api_name=False, show_progress="hidden", queue=False)
 
     # sidebar: open, new, search, rename, delete, share, export, import
     opened = s.conversations.input(on(h.open), [s.conversations], outputs, api_name=False)

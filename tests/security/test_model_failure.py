@@ -22,6 +22,7 @@ def test_asking_for_cuda_on_a_cpu_only_torch_ends_loading_with_the_cause(tmp_pat
         expect(banner).to_contain_text("could not be loaded")
         expect(banner).to_contain_text(re.compile(r"--device cpu|--device auto"))  # local: the cause is shown
         expect(banner).not_to_contain_text("Loading the model")
+        expect(page.locator("#model-runs-on")).to_be_hidden()  # no model: no line saying what runs it
         send = page.locator("#send-button")
         expect(send).to_be_disabled()
         expect(send).to_contain_text("no model")
