@@ -98,6 +98,15 @@ def converse(engine: Engine | LlamaCppEngine, *, turns: int, reply_tokens: int,
     return figures
 
 
+def reply_in_words(engine: Engine | LlamaCppEngine) -> None:
+    """Random weights reply with any tokens; make them reply like Mipha: never the end token (every
+    reply its full length) and only tokens that open a word with a space, so a reply starts with a
+    space as Mipha's do ("ASSISTANT: The ...") and the next prompt can read it back as generated."""
+    words = {token_id for token, token_id in engine.tokenizer.get_vocab().items() if token.startswith("Ġ")}
+    others = set(range(len(engine.tokenizer))) - words
+    engine.suppressed_ids = sorted(set(engine.suppressed_ids) | others | {engine.end_token_id})
+
+
 def language_model_bytes(engine: Engine) -> int:
     """Bytes of weights read for one decoded token: every layer, the final norm and the head."""
     parts = [engine.model.model.language_model.layers, engine.model.model.language_model.final_layernorm,
@@ -114,14 +123,13 @@ def run_config(name: str, *, checkpoint: Path, turns: int, reply_tokens: int) ->
     with PeakMemory() as peak:
         base = load_engine(str(checkpoint), device="cpu", dtype=settings["dtype"], quantization=settings["quantization"])
         load_seconds = time.perf_counter() - started
-        with torch.no_grad():
-            base.model.lm_head.bias[base.end_token_id] = -1e4
         base.stream([{"role": "user", "content": "warm up"}], max_new_tokens=2).text()
         results = {}
         for mode, caches in [("naive", CacheSettings(0, 0)), ("engine", CacheSettings())]:
             engine = Engine(model=base.model, tokenizer=base.tokenizer, preprocessor=base.preprocessor,
                             model_id=base.model_id, context_length=base.context_length,
                             image_tokens=base.image_tokens, caches=caches)
+            reply_in_words(engine)
             results[mode] = [asdict(turn) for turn in converse(engine, turns=turns, reply_tokens=reply_tokens)]
     return {
         "config": name, "dtype": str(base.dtype), "load_seconds": load_seconds,
@@ -139,7 +147,7 @@ def run_llama_cpp_config(name: str, *, checkpoint: Path, turns: int, reply_token
         engine = load_engine(str(checkpoint), device="cpu", quantization=settings["quantization"], runtime="llama.cpp",
                              data_dir=HERE / ".cache" / "data")
         load_seconds = time.perf_counter() - started
-        engine.suppressed_ids.append(engine.end_token_id)  # random weights: keep every reply its full length
+        reply_in_words(engine)
         engine.stream([{"role": "user", "content": "warm up"}], max_new_tokens=2).text()
         results = {mode: [asdict(turn) for turn in converse(engine, turns=turns, reply_tokens=reply_tokens, cache=cache)]
                    for mode, cache in [("naive", None), ("engine", CacheKey("bench", "chat"))]}
