@@ -78,7 +78,7 @@ def run_ours(precision: Precision, *, checkpoint: Path, turns: int, reply_tokens
         raise BenchError(f"our engine failed in {precision.ours} (exit code {result.returncode}); its log is above")
     raw = json.loads(result.stdout.strip().splitlines()[-1])
     first_turns = [turns[0] for turns in raw["turns"].values()]
-    replies = [turn for turns in raw["turns"].values() for turn in turns if turn["decode_tokens_per_second"]]
+    replies = [turn for turn in first_turns if turn["decode_tokens_per_second"]]  # after the prompt, as llama-bench -d
     return {
         "prompt_positions": first_turns[0]["prompt_tokens"],
         "prompt_tokens_per_second": statistics.median(
@@ -92,16 +92,31 @@ def run_llama_bench(llama: LlamaCpp, model: Path, *, prompt_tokens: int, reply_t
                     repetitions: int) -> dict:
     """Prompt speed at ``prompt_tokens`` positions; decode speed after such a prompt and from empty."""
     common = ["-m", str(model), "-t", str(threads), "-r", str(repetitions), "-o", "json"]
-    prompt = _llama_bench(llama, [*common, "-p", str(prompt_tokens), "-n", "0"])
-    decode = _llama_bench(llama, [*common, "-p", "0", "-n", str(reply_tokens), "-d", f"{prompt_tokens},0"])
-    after_prompt = next(test for test in decode if test["n_depth"] == prompt_tokens)
-    from_empty = next(test for test in decode if test["n_depth"] == 0)
+    prompt = _llama_bench(llama, [*common, "-p", str(prompt_tokens), "-n", "0", "-fa", "auto,off"])
+    decode = _llama_bench(llama, [*common, "-p", "0", "-n", str(reply_tokens), "-d", f"{prompt_tokens},0",
+                                  "-fa", "auto,off"])
+
+    def median(tests: list[dict], *, depth: int | None = None, flash_attention: str = "auto") -> float:
+        chosen = [test for test in tests if (depth is None or test["n_depth"] == depth)
+                  and _flash_attention(test) == flash_attention]
+        return statistics.median(chosen[0]["samples_ts"])
+
     return {
-        "prompt_tokens_per_second": statistics.median(prompt[0]["samples_ts"]),
-        "decode_tokens_per_second": statistics.median(after_prompt["samples_ts"]),
-        "decode_tokens_per_second_from_empty": statistics.median(from_empty["samples_ts"]),
+        "prompt_tokens_per_second": median(prompt),
+        "decode_tokens_per_second": median(decode, depth=prompt_tokens),
+        "decode_tokens_per_second_from_empty": median(decode, depth=0),
+        "prompt_tokens_per_second_flash_attention_off": median(prompt, flash_attention="off"),
+        "decode_tokens_per_second_flash_attention_off": median(decode, depth=prompt_tokens, flash_attention="off"),
         "llama_bench": prompt + decode,
     }
+
+
+def _flash_attention(test: dict) -> str:
+    """llama-bench's JSON says "flash_attn" as a boolean or a number in older versions, a name in newer ones."""
+    value = test.get("flash_attn", test.get("flash_attn_type"))
+    if isinstance(value, str):
+        return {"enabled": "on", "disabled": "off", "-1": "auto", "1": "on", "0": "off"}.get(value, value)
+    return {-1: "auto", 1: "on", 0: "off", True: "on", False: "off"}.get(value, str(value))
 
 
 def _llama_bench(llama: LlamaCpp, arguments: list[str]) -> list[dict]:
@@ -123,19 +138,27 @@ def cpu_flags() -> list[str]:
 
 
 def table(rows: dict[str, dict]) -> str:
-    header = (f"{'precision':9} {'GGUF':9} {'ours prompt tok/s':>17} {'llama.cpp prompt tok/s':>22} "
-              f"{'ours decode tok/s':>17} {'llama.cpp decode tok/s':>22} {'decode ratio':>12} {'(llama.cpp from empty)':>22}")
+    """Ours beside llama-bench's default (flash attention "auto") and with it off (ours runs without it)."""
+    columns = [("ours prompt", 11), ("llama.cpp prompt", 16), ("(fa off)", 8), ("ratio", 5),
+               ("ours decode", 11), ("llama.cpp decode", 16), ("(fa off)", 8), ("ratio", 5), ("(llama.cpp from empty)", 22)]
+    header = f"{'precision':9} {'GGUF':7} " + " ".join(f"{name:>{width}}" for name, width in columns)
     lines = [header, "-" * len(header)]
     for name, row in rows.items():
-        ours, peer = row.get("ours"), row.get("llama_cpp")
-        cells = [
-            _cell(ours and ours["prompt_tokens_per_second"], 17), _cell(peer and peer["prompt_tokens_per_second"], 22),
-            _cell(ours and ours["decode_tokens_per_second"], 17), _cell(peer and peer["decode_tokens_per_second"], 22),
-            f"{ours['decode_tokens_per_second'] / peer['decode_tokens_per_second']:12.2f}" if ours and peer else f"{'-':>12}",
-            _cell(peer and peer["decode_tokens_per_second_from_empty"], 22),
-        ]
-        lines.append(f"{name:9} {PRECISIONS[name].gguf:9} " + " ".join(cells))
+        ours, peer = row.get("ours") or {}, row.get("llama_cpp") or {}
+        values = [ours.get("prompt_tokens_per_second"), peer.get("prompt_tokens_per_second"),
+                  peer.get("prompt_tokens_per_second_flash_attention_off"),
+                  _ratio(ours.get("prompt_tokens_per_second"), peer.get("prompt_tokens_per_second")),
+                  ours.get("decode_tokens_per_second"), peer.get("decode_tokens_per_second"),
+                  peer.get("decode_tokens_per_second_flash_attention_off"),
+                  _ratio(ours.get("decode_tokens_per_second"), peer.get("decode_tokens_per_second")),
+                  peer.get("decode_tokens_per_second_from_empty")]
+        cells = [_cell(value, width) for value, (_, width) in zip(values, columns, strict=True)]
+        lines.append(f"{name:9} {PRECISIONS[name].gguf:7} " + " ".join(cells))
     return "\n".join(lines)
+
+
+def _ratio(ours: float | None, peer: float | None) -> float | None:
+    return ours / peer if ours and peer else None
 
 
 def _cell(value: float | None, width: int) -> str:
@@ -204,8 +227,8 @@ def summary(report: dict) -> str:
         f"memory read bandwidth {report['bandwidth_bytes_per_second'] / 1e9:.1f} GB/s",
         f"llama.cpp from llama-cpp-python {report['llama_cpp_python_version']}, {report['threads']} threads, "
         f"{report['repetitions']} repetitions; ours: torch {info['torch']}, {info['torch_threads']} threads",
-        f"prompt: {report['prompt_tokens']} positions (the photo's 729 and the question); decode: "
-        f"{report['reply_tokens']}-token replies after that prompt; ratio = ours / llama.cpp",
+        f"prompt: {report['prompt_tokens']} positions (the photo's 729 and the question), tok/s; decode: "
+        f"{report['reply_tokens']}-token replies after that prompt, tok/s; ratio = ours / llama.cpp's default",
         table(report["results"]),
     ])
 

@@ -93,6 +93,8 @@ class LlamaCppEngine(FittedEngine):
         self._saved: ByteBoundedLRU[_Saved] = ByteBoundedLRU(caches.kv_cache_bytes)
         self._held = _Sequence()
         self._lock = threading.Lock()
+        self._forgotten: set[CacheKey] = set()
+        self._forgotten_lock = threading.Lock()
 
     @property
     def label(self) -> str:
@@ -143,12 +145,24 @@ class LlamaCppEngine(FittedEngine):
         return reply
 
     def forget(self, cache: CacheKey) -> None:
-        """Free the KV state kept for a conversation, e.g. when it is deleted."""
+        """Free the KV state kept for a conversation, e.g. when it is deleted; without waiting for a
+        reply in progress (the context is then cleared when that reply ends)."""
         self._saved.pop(cache)
-        with self._lock:
-            if self._held.key == cache:
-                self.context.truncate(0)
-                self._held = _Sequence()
+        with self._forgotten_lock:
+            self._forgotten.add(cache)
+        if self._lock.acquire(blocking=False):
+            try:
+                self._drop_forgotten()
+            finally:
+                self._lock.release()
+
+    def _drop_forgotten(self) -> None:
+        """With the lock held: clear the context if its conversation was forgotten meanwhile."""
+        with self._forgotten_lock:
+            forgotten, self._forgotten = self._forgotten, set()
+        if self._held.key in forgotten:
+            self.context.truncate(0)
+            self._held = _Sequence()
 
     def close(self) -> None:
         with self._lock:
@@ -230,6 +244,7 @@ class LlamaCppEngine(FittedEngine):
         try:
             yield self._switch_to(cache)
         finally:
+            self._drop_forgotten()
             self._lock.release()
 
     def _switch_to(self, key: CacheKey | None) -> _Sequence:

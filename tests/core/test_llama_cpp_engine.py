@@ -193,3 +193,14 @@ def test_pytorch_on_a_cpu_without_room_for_fp32_takes_less():
     chosen = choose_precision(device="cpu", dtype="auto", quantization=None, runtime="torch", size=MIPHA_3B,
                               llama_cpp_problem=None, free_bytes=6 * 1024**3)
     assert chosen.weights in ("int8", "int4") and chosen.runtime == "torch"
+
+
+def test_forgetting_a_conversation_drops_its_state(llama_engines, photo):
+    engine = llama_engines["int8"]
+    key = CacheKey("cy", "gone")
+    turn = [user("What is in this photo?", photo)]
+    answer = engine.stream(turn, max_new_tokens=6, temperature=0, cache=key).text()
+    engine.forget(key)
+    again = engine.stream([*turn, assistant(answer), user("More?")], max_new_tokens=4, temperature=0, cache=key)
+    again.text()
+    assert again.stats.reused_tokens == 0
