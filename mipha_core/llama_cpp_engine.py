@@ -33,7 +33,7 @@ from mipha_core.photos import PhotoFeatures, photo_key
 from mipha_core.preprocessing import ImagePreprocessor
 from mipha_core.prompt import PhiPromptStyle
 from mipha_core.streaming import ReplyStream
-from mipha_core.vision import VisionEncoder
+from mipha_core.vision import VisionCancelledError, VisionEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +85,7 @@ class LlamaCppEngine(FittedEngine):
         self.fitter = PromptFitter(tokenizer, context_length=context_length, image_tokens=image_tokens,
                                    image_token_id=image_token_id)
         self.suppressed_ids = list(range(len(tokenizer), context.vocab_size))
+        self.vision = vision
         self.photo_features = PhotoFeatures(
             preprocessor=preprocessor,
             encode=vision,
@@ -184,7 +185,8 @@ class LlamaCppEngine(FittedEngine):
         streamer.put(torch.tensor([ids]))  # the prompt, which the streamer skips
         try:
             with self._aborting_on(cancel):
-                self._read_prompt(ids, keep, prepared, owner=cache.owner if cache else None, streamer=streamer)
+                self._read_prompt(ids, keep, prepared, owner=cache.owner if cache else None, streamer=streamer,
+                                  cancel=cancel)
                 held.image_key = image_key
                 sampler = TokenSampler(params, suppressed_ids=self.suppressed_ids, seed=seed)
                 while True:
@@ -194,8 +196,8 @@ class LlamaCppEngine(FittedEngine):
                     if token == self.end_token_id or len(generated) >= params.max_new_tokens or cancel.is_set():
                         break
                     self.context.read_tokens([token], logits_for_last=True)
-        except DecodeAbortedError:
-            logger.debug("reply stopped while llama.cpp was reading")
+        except (DecodeAbortedError, VisionCancelledError):
+            logger.debug("reply stopped while the prompt was being read")
         finally:
             read = self.context.length
             held.token_ids = ids + generated if read >= len(ids) else ids[:read]
@@ -206,7 +208,7 @@ class LlamaCppEngine(FittedEngine):
         return torch.tensor([ids + generated])
 
     def _read_prompt(self, ids: list[int], start: int, prepared: PreparedPrompt, *, owner: str | None,
-                     streamer: CountingTextStreamer) -> None:
+                     streamer: CountingTextStreamer, cancel: threading.Event) -> None:
         """Read ``ids[start:]``: text as token ids, the image's positions as its projected features."""
         position = start
         if prepared.image is not None and self.image_token_id in ids:
@@ -215,7 +217,8 @@ class LlamaCppEngine(FittedEngine):
             if position < end:
                 if position < first:
                     self.context.read_tokens(ids[position:first], logits_for_last=False)
-                features, seconds = self.photo_features.get(prepared.image, owner=owner)
+                with self.vision.stoppable(cancel):
+                    features, seconds = self.photo_features.get(prepared.image, owner=owner)
                 streamer.vision_seconds = seconds
                 self.context.read_embeddings(features[max(position - first, 0):], logits_for_last=end == len(ids))
                 position = end

@@ -17,6 +17,7 @@ from mipha_core.gguf_export import GGUF_PRECISIONS, language_model_gguf, read_gg
 from mipha_core.llama_cpp_engine import LlamaCppEngine
 from mipha_core.llama_cpp_runtime import DecodeAbortedError, LlamaCppContext
 from mipha_core.precision import ModelSize, choose_precision
+from mipha_core.vision import VisionCancelledError
 from tests.core.conftest import assistant, user
 
 PRECISIONS = ["fp16", "int8", "int4"]
@@ -204,3 +205,19 @@ def test_forgetting_a_conversation_drops_its_state(llama_engines, photo):
     again = engine.stream([*turn, assistant(answer), user("More?")], max_new_tokens=4, temperature=0, cache=key)
     again.text()
     assert again.stats.reused_tokens == 0
+
+
+def test_stop_ends_the_photo_encoding_between_layers(llama_engines, photo):
+    engine = llama_engines["int8"]
+    pixels = engine.photo_features.preprocessor(photo)
+    cancel = threading.Event()
+    layers_run = []
+    tower = engine.vision._model.vision_tower.encoder.layers
+    handle = tower[0].register_forward_hook(lambda *_: (layers_run.append(0), cancel.set()))
+    try:
+        with pytest.raises(VisionCancelledError), engine.vision.stoppable(cancel):
+            engine.vision(pixels)
+    finally:
+        handle.remove()
+    assert layers_run == [0]  # the second layer never ran
+    assert engine.vision(pixels).shape == (engine.image_tokens, engine.context.hidden_size)
