@@ -52,6 +52,11 @@ QUESTIONS = [
 ]
 
 
+READING_SECONDS = 1.0
+"""A person takes at least this long to read a reply and type the next question; the engine reads
+ahead in that time (the reply's end and "USER:"), which questions sent at once would skip."""
+
+
 @dataclass(frozen=True)
 class TurnFigures:
     vision_seconds: float | None
@@ -78,8 +83,11 @@ def photo() -> Image.Image:
 
 def converse(engine: Engine | LlamaCppEngine, *, turns: int, reply_tokens: int,
              cache: CacheKey | None = CacheKey("bench", "chat")) -> list[TurnFigures]:
+    """Ask ``turns`` questions, each ``READING_SECONDS`` after the previous reply ended."""
     image, messages, figures = photo(), [], []
     for index in range(turns):
+        if index:
+            time.sleep(READING_SECONDS)
         content = [{"type": "text", "text": QUESTIONS[index % len(QUESTIONS)]}]
         if index == 0:
             content.insert(0, {"type": "image", "image": image})

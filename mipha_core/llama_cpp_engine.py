@@ -26,6 +26,7 @@ from transformers import PreTrainedTokenizerBase
 
 from mipha_core.caching import ByteBoundedLRU, CacheKey, realign_replies, shared_prefix_length
 from mipha_core.engine import CacheSettings
+from mipha_core.errors import MiphaError
 from mipha_core.fitting import MIN_REPLY_TOKENS, FittedEngine, PreparedPrompt, PromptFitter
 from mipha_core.generation import CountingTextStreamer, GenerationParams, TokenSampler
 from mipha_core.llama_cpp_runtime import DecodeAbortedError, LlamaCppContext
@@ -96,6 +97,7 @@ class LlamaCppEngine(FittedEngine):
         self._lock = threading.Lock()
         self._forgotten: set[CacheKey] = set()
         self._forgotten_lock = threading.Lock()
+        self._next_turn_ids = tokenizer(f"{PhiPromptStyle.user_role}:", add_special_tokens=False).input_ids
 
     @property
     def label(self) -> str:
@@ -130,8 +132,13 @@ class LlamaCppEngine(FittedEngine):
                 if held is None:
                     streamer.end()
                     return torch.tensor([prepared.token_ids])
-                return self._reply(prepared, params, held=held, cache=cache, image_key=image_key, seed=seed,
-                                   cancel=cancel, streamer=streamer, reply=reply)
+                sequence = self._reply(prepared, params, held=held, cache=cache, image_key=image_key, seed=seed,
+                                       cancel=cancel, streamer=streamer, reply=reply)
+                kept = tuple(held.token_ids)
+            if cache is not None and sequence.shape[1] > prepared.prompt_tokens:
+                threading.Thread(target=self._read_ahead, args=(cache, kept), name="mipha-read-ahead",
+                                 daemon=True).start()
+            return sequence
 
         reply = ReplyStream(
             run=run,
@@ -207,6 +214,27 @@ class LlamaCppEngine(FittedEngine):
             streamer.end()
         return torch.tensor([ids + generated])
 
+    def _read_ahead(self, cache: CacheKey, token_ids: tuple[int, ...]) -> None:
+        """While the person reads the reply, read what every next question starts with: the reply's
+        last token and end token (never read, since generation stopped there) and "USER:". The
+        follow-up then reads only its own words. Skipped when a reply is running or the
+        conversation moved on; a next prompt that differs is only cut off there."""
+        if not self._lock.acquire(timeout=_ABORT_POLL_SECONDS):
+            return
+        try:
+            held = self._held
+            if held.key != cache or tuple(held.token_ids) != token_ids or self.context.length != len(token_ids) - 1:
+                return
+            end = [] if token_ids[-1] == self.end_token_id else [self.end_token_id]
+            self.context.resume()
+            self.context.read_tokens([token_ids[-1], *end, *self._next_turn_ids], logits_for_last=False)
+            held.token_ids = [*token_ids, *end, *self._next_turn_ids]
+        except MiphaError:
+            logger.debug("reading ahead failed; the next question reads these tokens itself", exc_info=True)
+        finally:
+            self._drop_forgotten()
+            self._lock.release()
+
     def _read_prompt(self, ids: list[int], start: int, prepared: PreparedPrompt, *, owner: str | None,
                      streamer: CountingTextStreamer, cancel: threading.Event) -> None:
         """Read ``ids[start:]``: text as token ids, the image's positions as its projected features."""
@@ -245,6 +273,7 @@ class LlamaCppEngine(FittedEngine):
                 yield None
                 return
         try:
+            self._drop_forgotten()
             yield self._switch_to(cache)
         finally:
             self._drop_forgotten()
