@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -221,3 +222,29 @@ def test_stop_ends_the_photo_encoding_between_layers(llama_engines, photo):
         handle.remove()
     assert layers_run == [0]  # the second layer never ran
     assert engine.vision(pixels).shape == (engine.image_tokens, engine.context.hidden_size)
+
+
+def test_after_a_finished_reply_the_next_turns_opening_is_read_ahead(tiny_checkpoint, gguf_dir, photo):
+    engine = load_engine(str(tiny_checkpoint), device="cpu", quantization="8bit", runtime="llama.cpp",
+                         data_dir=gguf_dir)
+    ordinary = list(engine.suppressed_ids)
+    engine.suppressed_ids = [i for i in range(engine.context.vocab_size) if i != engine.end_token_id]
+    key = CacheKey("dee", "ahead")
+    turn = [user("What is in this photo?", photo)]
+    first = engine.stream(turn, max_new_tokens=8, temperature=0, cache=key)
+    answer = first.text()
+    assert first.stats.finish_reason == "stop"
+    opening = engine.tokenizer("USER:", add_special_tokens=False).input_ids
+    ahead = first.stats.prompt_tokens + 1 + len(opening)  # the end token, then "USER:"
+    deadline = time.monotonic() + 10
+    while engine.context.length < ahead and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert engine.context.length == ahead
+    # the empty reply renders as "ASSISTANT: <|endoftext|>", a space the model never generated,
+    # so this follow-up reads from there: what was read ahead is cut off, and the answer is unchanged
+    engine.suppressed_ids = ordinary
+    follow_up = [*turn, assistant(answer), user("And the colours?")]
+    cached = engine.stream(follow_up, max_new_tokens=6, temperature=0, cache=key)
+    cached_text = cached.text()
+    assert cached.stats.reused_tokens >= first.stats.prompt_tokens
+    assert cached_text == engine.stream(follow_up, max_new_tokens=6, temperature=0).text()
