@@ -112,11 +112,10 @@ def run_llama_bench(llama: LlamaCpp, model: Path, *, prompt_tokens: int, reply_t
 
 
 def _flash_attention(test: dict) -> str:
-    """llama-bench's JSON says "flash_attn" as a boolean or a number in older versions, a name in newer ones."""
+    """llama-bench's JSON gives flash attention as -1/0/1 (or a boolean in older versions, a name in newer ones)."""
     value = test.get("flash_attn", test.get("flash_attn_type"))
-    if isinstance(value, str):
-        return {"enabled": "on", "disabled": "off", "-1": "auto", "1": "on", "0": "off"}.get(value, value)
-    return {-1: "auto", 1: "on", 0: "off", True: "on", False: "off"}.get(value, str(value))
+    names = {"-1": "auto", "1": "on", "0": "off", "True": "on", "False": "off", "enabled": "on", "disabled": "off"}
+    return names.get(str(value), str(value))
 
 
 def _llama_bench(llama: LlamaCpp, arguments: list[str]) -> list[dict]:
