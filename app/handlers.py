@@ -27,6 +27,7 @@ from app.chat_view import (
     question_end,
 )
 from app.context_meter import ContextUse, meter_html
+from app.drafts import DraftPhotos
 from app.events import UNEXPECTED_FAILURE, Refused
 from app.gpu import on_gpu
 from app.library import opened, share_state
@@ -43,9 +44,10 @@ from app.page_view import (
 from app.replies import ReplyAlreadyRunningError
 from app.services import Services
 from app.text_input import clean_text
-from app.turn import ReplyOutcome, cache_key, reply_work
+from app.turn import ReplyOutcome, cache_key, reply_work, stored_photo
 from app.uploads import save_upload
 from mipha_core import ContextOverflowError, Engine, GenerationParams
+from mipha_core.caching import NEW_CHAT
 from mipha_core.generation import DEFAULT_MAX_NEW_TOKENS
 
 log = logging.getLogger(__name__)
@@ -76,6 +78,7 @@ class Handlers:
         self.storage = services.storage
         self.settings = services.settings
         self.replies = services.replies
+        self.draft_photos = DraftPhotos(self.storage)
         # identity → user row id never changes: look it up (a write transaction) once, not per event
         self._owner_ids = functools.lru_cache(maxsize=OWNER_CACHE_SIZE)(
             lambda identity: owner_id_for(self.storage, identity))
@@ -215,6 +218,36 @@ class Handlers:
         return PageView(conversation_id=conversation_id, messages=self._show(records), composer="clear",
                         editing=None, busy=busy, notice=notice,
                         conversations=self._conversations(owner_id, selected=conversation_id))
+
+    def draft(self, owner_id: int | None, message: dict | None, conversation_id: str | None,
+              editing: Editing | None, temperature: float, top_p: float, max_new_tokens: int) -> None:
+        """The question as typed so far: the engine reads its photo and finished words ahead
+        (`Engine.prefetch`), so that Send finds them read. Shows nothing and stores nothing; what
+        is wrong with a draft is for Send to say, so a failure here is only logged."""
+        try:
+            self._read_ahead(owner_id, message, conversation_id, editing, max_new_tokens)
+        except Exception:
+            log.debug("not reading a draft ahead", exc_info=True)
+
+    def _read_ahead(self, owner_id: int | None, message: dict | None, conversation_id: str | None,
+                    editing: Editing | None, max_new_tokens: int) -> None:
+        if owner_id is None or editing is not None or self.services.model.status().state is not ModelState.READY:
+            return
+        text, files = _message_parts(message)
+        if (not text.strip() and not files) or len(text) > self.settings.max_message_chars or len(files) > 1:
+            return
+        if conversation_id and self.replies.running((owner_id, conversation_id)):
+            return
+        photo = self.draft_photos.photo(owner_id, Path(files[0])) if files else None
+        if files and photo is None:
+            return
+        earlier, _ = self._before_question(owner_id, conversation_id, None)
+        draft = DraftQuestion(text=text, image_sha256=photo.key if photo is not None else None)
+        messages = model_messages([*earlier, draft], photo=lambda sha256: photo if photo is not None and
+                                  sha256 == photo.key else stored_photo(self.storage, sha256))
+        params = self._params(0.0, 1.0, max_new_tokens)
+        self.services.model.engine().prefetch(messages, max_new_tokens=params.max_new_tokens,
+                                              cache=cache_key(owner_id, conversation_id or NEW_CHAT))
 
     def regenerate(self, owner_id: int | None, conversation_id: str | None,
                    temperature: float, top_p: float, max_new_tokens: int) -> PageView:

@@ -55,6 +55,9 @@ QUESTIONS = [
 READING_SECONDS = 1.0
 """A person takes at least this long to read a reply and type the next question; the engine reads
 ahead in that time (the reply's end and "USER:"), which questions sent at once would skip."""
+TYPING_CHARS_PER_SECOND = 4.0
+"""How fast the ``typed`` mode's person types (about 45 words a minute); each keystroke reaches the
+engine as a draft, as the page's composer sends it. The photo is dropped first, then the question typed."""
 
 
 @dataclass(frozen=True)
@@ -82,16 +85,21 @@ def photo() -> Image.Image:
 
 
 def converse(engine: Engine | LlamaCppEngine, *, turns: int, reply_tokens: int,
-             cache: CacheKey | None = CacheKey("bench", "chat")) -> list[TurnFigures]:
-    """Ask ``turns`` questions, each ``READING_SECONDS`` after the previous reply ended."""
+             cache: CacheKey | None = CacheKey("bench", "chat"), typed: bool = False) -> list[TurnFigures]:
+    """Ask ``turns`` questions, each ``READING_SECONDS`` after the previous reply ended; ``typed``:
+    each question typed at ``TYPING_CHARS_PER_SECOND`` first, the time to first token from Send."""
     image, messages, figures = photo(), [], []
     for index in range(turns):
         if index:
             time.sleep(READING_SECONDS)
-        content = [{"type": "text", "text": QUESTIONS[index % len(QUESTIONS)]}]
-        if index == 0:
-            content.insert(0, {"type": "image", "image": image})
-        messages.append({"role": "user", "content": content})
+        question = QUESTIONS[index % len(QUESTIONS)]
+        opening = [{"type": "image", "image": image}] if index == 0 else []
+        if typed:
+            for typed_chars in range(len(question) + 1):
+                draft = {"role": "user", "content": [*opening, {"type": "text", "text": question[:typed_chars]}]}
+                engine.prefetch([*messages, draft], max_new_tokens=reply_tokens, cache=cache)
+                time.sleep(1 / TYPING_CHARS_PER_SECOND)
+        messages.append({"role": "user", "content": [*opening, {"type": "text", "text": question}]})
         reply = engine.stream(messages, max_new_tokens=reply_tokens, temperature=0, cache=cache)
         text = reply.text()
         stats = reply.stats
@@ -157,8 +165,11 @@ def run_llama_cpp_config(name: str, *, checkpoint: Path, turns: int, reply_token
         load_seconds = time.perf_counter() - started
         reply_in_words(engine)
         engine.stream([{"role": "user", "content": "warm up"}], max_new_tokens=2).text()
-        results = {mode: [asdict(turn) for turn in converse(engine, turns=turns, reply_tokens=reply_tokens, cache=cache)]
-                   for mode, cache in [("naive", None), ("engine", CacheKey("bench", "chat"))]}
+        modes = [("naive", None, False), ("engine", CacheKey("bench", "chat"), False),
+                 ("typed", CacheKey("bench-typed", "chat"), True)]
+        results = {mode: [asdict(turn) for turn in converse(engine, turns=turns, reply_tokens=reply_tokens,
+                                                            cache=cache, typed=typed)]
+                   for mode, cache, typed in modes}
     return {
         "config": name, "dtype": engine.label, "load_seconds": load_seconds,
         "weights_bytes_per_token": engine.context.model_bytes,

@@ -72,6 +72,14 @@ class CacheKey:
     owner: str
     conversation: str
 
+    def new_chat(self) -> CacheKey:
+        """The key of this owner's chat that has no conversation yet: what its first question reads
+        while it is typed is kept there, and the conversation its Send creates takes it over."""
+        return CacheKey(owner=self.owner, conversation=NEW_CHAT)
+
+
+NEW_CHAT = ""
+
 
 @dataclass(frozen=True)
 class CacheHit:

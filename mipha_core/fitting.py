@@ -8,12 +8,14 @@ done, so a question can be checked before it is stored.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
+from mipha_core.caching import CacheKey
 from mipha_core.conversation import Turn, split_system, turns_from_messages
 from mipha_core.errors import ContextOverflowError
 from mipha_core.generation import InvalidGenerationParamsError
@@ -75,7 +77,30 @@ class PromptFitter:
                 f"max_new_tokens must be >= 0 and min_new_tokens >= 1, got {max_new_tokens} and {min_new_tokens}"
             )
         system, messages = split_system(messages)
+        return self._prepare(turns_from_messages(messages), system=system, max_new_tokens=max_new_tokens,
+                             min_new_tokens=min_new_tokens)
+
+    def prepare_draft(self, messages: Sequence[dict[str, Any]], *, max_new_tokens: int) -> PreparedPrompt:
+        """What every reply to a question still being typed reads first: ``messages`` end with the draft.
+
+        The draft's last word may still grow, so the question is cut after its last whitespace, and
+        the assistant's turn is not opened. Tokenizing splits text before a space, so these ids
+        begin the prompt of the question as sent; where they do not (an edit mid-sentence), the
+        caches compare ids and keep only what is the same. Raises as ``prepare`` does.
+        """
+        system, messages = split_system(messages)
         turns = turns_from_messages(messages)
+        turns[-1] = Turn(_finished_words(turns[-1].question), None, turns[-1].image)
+        prepared = self._prepare(turns, system=system, max_new_tokens=max_new_tokens,
+                                 min_new_tokens=MIN_REPLY_TOKENS)
+        opening = self.tokenizer(f" {self.prompt_style.assistant_role}:", add_special_tokens=False).input_ids
+        ids = prepared.token_ids
+        if ids[len(ids) - len(opening):] == opening:
+            ids = ids[:len(ids) - len(opening)]
+        return replace(prepared, token_ids=ids)
+
+    def _prepare(self, turns: list[Turn], *, system: str | None, max_new_tokens: int,
+                 min_new_tokens: int) -> PreparedPrompt:
         image_turn = _latest_image_turn(turns)
         kept, ids = self._fit(turns, image_turn=image_turn, room=max_new_tokens, system=system)
         image_sent = image_turn in kept
@@ -157,6 +182,23 @@ class FittedEngine:
         if smaller); below that ``ContextOverflowError`` says how much the question is too long.
         """
         return self.fitter.prepare(messages, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens)
+
+    def prefetch(self, messages: Sequence[dict[str, Any]], *, max_new_tokens: int, cache: CacheKey) -> None:
+        """Start reading, in the background, what the reply to a question still being typed will
+        read first (``PromptFitter.prepare_draft``), so that Send finds it read. Returns at once.
+
+        Only an engine whose prompt reading takes seconds does anything (llama.cpp on a CPU);
+        this one reads a whole prompt well within the time a person takes to press Send.
+        """
+
+
+def _finished_words(text: str) -> str:
+    """``text`` up to its last whitespace, without it: the words a person has finished typing."""
+    finished = _UP_TO_LAST_SPACE.match(text)
+    return finished.group(1).rstrip() if finished else ""
+
+
+_UP_TO_LAST_SPACE = re.compile(r"(.*)\s", re.DOTALL)
 
 
 def _turn_to_drop(kept: list[int], image_turn: int | None) -> int:

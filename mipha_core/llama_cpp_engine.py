@@ -10,12 +10,18 @@ shared, so only the language model's arithmetic differs.
 The context keeps the KV state of the conversation it served last. When another conversation
 needs it, that state is copied out into a byte-bounded LRU and the other one's copied back in,
 so a follow-up question reads only its own tokens, like ``PrefixKVCache`` on the PyTorch path.
+
+While a question is typed, ``prefetch`` reads ahead what its reply will read first: a dropped
+photo's features and positions, then the finished words. Send then reads only the rest. Replies
+always come first: a reply waiting for the context stops a draft of another conversation at
+once (what it read is kept), and waits for one of its own conversation, whose work it needs.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -26,7 +32,7 @@ from transformers import PreTrainedTokenizerBase
 
 from mipha_core.caching import ByteBoundedLRU, CacheKey, realign_replies, shared_prefix_length
 from mipha_core.engine import CacheSettings
-from mipha_core.errors import MiphaError
+from mipha_core.errors import ContextOverflowError, InvalidMessagesError, MiphaError
 from mipha_core.fitting import MIN_REPLY_TOKENS, FittedEngine, PreparedPrompt, PromptFitter
 from mipha_core.generation import CountingTextStreamer, GenerationParams, TokenSampler
 from mipha_core.llama_cpp_runtime import DecodeAbortedError, LlamaCppContext
@@ -52,6 +58,16 @@ class _Sequence:
 
     def read_ids(self, length: int) -> list[int]:
         return self.token_ids[:length]
+
+
+@dataclass(frozen=True)
+class _Draft:
+    """A question being typed: whose, and the prompt its reply will certainly start with."""
+
+    key: CacheKey
+    prepared: PreparedPrompt
+    image_key: str | None
+    stop: threading.Event = field(default_factory=threading.Event)
 
 
 @dataclass(frozen=True)
@@ -98,6 +114,13 @@ class LlamaCppEngine(FittedEngine):
         self._forgotten: set[CacheKey] = set()
         self._forgotten_lock = threading.Lock()
         self._next_turn_ids = tokenizer(f"{PhiPromptStyle.user_role}:", add_special_tokens=False).input_ids
+        self._drafts = threading.Condition()
+        self._draft: _Draft | None = None
+        """The newest draft not read yet; an older one is replaced, never queued."""
+        self._reading_draft: _Draft | None = None
+        self._replies_waiting = 0
+        self._closed = False
+        self._draft_reader: threading.Thread | None = None
 
     @property
     def label(self) -> str:
@@ -152,6 +175,26 @@ class LlamaCppEngine(FittedEngine):
         )
         return reply
 
+    def prefetch(self, messages: Sequence[dict[str, Any]], *, max_new_tokens: int, cache: CacheKey) -> None:
+        """Read ahead, in the background, what the reply to a question still being typed reads first
+        (see the module); returns at once. A draft that cannot be fitted is not read ahead: Send
+        will say why."""
+        try:
+            prepared = self.fitter.prepare_draft(messages, max_new_tokens=max_new_tokens)
+        except (ContextOverflowError, InvalidMessagesError):
+            return
+        draft = _Draft(key=cache, prepared=prepared,
+                       image_key=photo_key(prepared.image) if prepared.image is not None else None)
+        with self._drafts:
+            if self._closed:
+                return
+            self._draft = draft
+            if self._draft_reader is None:
+                self._draft_reader = threading.Thread(target=self._read_drafts, name="mipha-draft-reader",
+                                                      daemon=True)
+                self._draft_reader.start()
+            self._drafts.notify()
+
     def forget(self, cache: CacheKey) -> None:
         """Free the KV state kept for a conversation, e.g. when it is deleted; without waiting for a
         reply in progress (the context is then cleared when that reply ends)."""
@@ -173,18 +216,19 @@ class LlamaCppEngine(FittedEngine):
             self._held = _Sequence()
 
     def close(self) -> None:
+        with self._drafts:
+            self._closed = True
+            self._draft = None
+            self._drafts.notify()
+        if (reading := self._reading_draft) is not None:
+            reading.stop.set()
         with self._lock:
             self.context.close()
 
     def _reply(self, prepared: PreparedPrompt, params: GenerationParams, *, held: _Sequence, cache: CacheKey | None,
                image_key: str | None, seed: int | None, cancel: threading.Event, streamer: CountingTextStreamer,
                reply: ReplyStream) -> torch.Tensor:
-        ids = prepared.token_ids
-        if held.token_ids:
-            ids = realign_replies(held.token_ids, ids, end_token_id=self.end_token_id, decode=self.tokenizer.decode,
-                                  image_token_id=self.image_token_id)
-        keep = shared_prefix_length(held.read_ids(self.context.length), held.image_key, ids, image_key,
-                                    image_token_id=self.image_token_id)
+        ids, keep = self._aligned(held, prepared.token_ids, image_key)
         self.context.truncate(keep)
         held.token_ids, held.image_key = held.token_ids[:keep], image_key if keep else None
         reply.reused_tokens = keep
@@ -214,6 +258,71 @@ class LlamaCppEngine(FittedEngine):
             streamer.end()
         return torch.tensor([ids + generated])
 
+    def _aligned(self, held: _Sequence, token_ids: list[int], image_key: str | None) -> tuple[list[int], int]:
+        """The prompt to read (earlier replies given back the ids they were generated as) and how
+        many of its first positions the context already holds."""
+        ids = token_ids
+        if held.token_ids:
+            ids = realign_replies(held.token_ids, ids, end_token_id=self.end_token_id, decode=self.tokenizer.decode,
+                                  image_token_id=self.image_token_id)
+        keep = shared_prefix_length(held.read_ids(self.context.length), held.image_key, ids, image_key,
+                                    image_token_id=self.image_token_id)
+        return ids, keep
+
+    def _read_drafts(self) -> None:
+        """The draft reader's thread: the newest draft, whenever no reply needs the context."""
+        while True:
+            with self._drafts:
+                while self._draft is None and not self._closed:
+                    self._drafts.wait()
+                if self._closed:
+                    return
+            if not self._lock_for_draft():
+                continue
+            try:
+                with self._drafts:
+                    draft, self._draft = self._draft, None
+                if draft is not None and not self._closed:
+                    self._drop_forgotten()
+                    self._read_draft(draft)
+            except Exception:  # this thread must outlive one bad draft; its reply reads the prompt itself
+                logger.warning("reading a draft ahead failed; its reply will read it", exc_info=True)
+            finally:
+                self._drop_forgotten()
+                self._lock.release()
+
+    def _lock_for_draft(self) -> bool:
+        """Take the context's lock once no reply waits for it; False if the engine closed meanwhile."""
+        while not self._closed:
+            if self._replies_waiting == 0 and self._lock.acquire(timeout=_ABORT_POLL_SECONDS):
+                if self._replies_waiting == 0:
+                    return True
+                self._lock.release()
+            time.sleep(_ABORT_POLL_SECONDS)
+        return False
+
+    def _read_draft(self, draft: _Draft) -> None:
+        """With the lock held: make the context hold the draft's prompt, reading only what it lacks.
+
+        A draft the context already holds more of (the person deleted a word) cuts nothing, so
+        typing the word again costs nothing either."""
+        held = self._switch_to(draft.key)
+        ids, keep = self._aligned(held, draft.prepared.token_ids, draft.image_key)
+        if keep >= len(ids) - 1 and held.read_ids(self.context.length)[:len(ids)] == ids:
+            return  # all held: a prompt's last position is left to read for its logits, a draft's need not be
+        self.context.truncate(keep)
+        held.token_ids = held.token_ids[:keep]
+        self._reading_draft = draft
+        try:
+            with self._aborting_on(draft.stop):
+                self._read_prompt(ids, keep, draft.prepared, owner=draft.key.owner, streamer=None, cancel=draft.stop)
+        except (DecodeAbortedError, VisionCancelledError):
+            logger.debug("a reply came first: stopped reading a draft ahead")
+        finally:
+            self._reading_draft = None
+            held.token_ids = ids[:self.context.length]
+            held.image_key = draft.image_key if self.image_token_id in held.token_ids else None
+
     def _read_ahead(self, cache: CacheKey, token_ids: tuple[int, ...]) -> None:
         """While the person reads the reply, read what every next question starts with: the reply's
         last token and end token (never read, since generation stopped there) and "USER:". The
@@ -236,7 +345,7 @@ class LlamaCppEngine(FittedEngine):
             self._lock.release()
 
     def _read_prompt(self, ids: list[int], start: int, prepared: PreparedPrompt, *, owner: str | None,
-                     streamer: CountingTextStreamer, cancel: threading.Event) -> None:
+                     streamer: CountingTextStreamer | None, cancel: threading.Event) -> None:
         """Read ``ids[start:]``: text as token ids, the image's positions as its projected features."""
         position = start
         if prepared.image is not None and self.image_token_id in ids:
@@ -247,7 +356,8 @@ class LlamaCppEngine(FittedEngine):
                     self.context.read_tokens(ids[position:first], logits_for_last=False)
                 with self.vision.stoppable(cancel):
                     features, seconds = self.photo_features.get(prepared.image, owner=owner)
-                streamer.vision_seconds = seconds
+                if streamer is not None:
+                    streamer.vision_seconds = seconds
                 self.context.read_embeddings(features[max(position - first, 0):], logits_for_last=end == len(ids))
                 position = end
         if position < len(ids):
@@ -268,10 +378,18 @@ class LlamaCppEngine(FittedEngine):
     @contextmanager
     def _held_for(self, cache: CacheKey | None, cancel: threading.Event) -> Iterator[_Sequence | None]:
         """The context, holding ``cache``'s conversation where it was kept; None when cancelled while waiting."""
-        while not self._lock.acquire(timeout=_ABORT_POLL_SECONDS):
-            if cancel.is_set():
-                yield None
-                return
+        with self._drafts:
+            self._replies_waiting += 1
+        try:
+            while not self._lock.acquire(timeout=_ABORT_POLL_SECONDS):
+                if (reading := self._reading_draft) is not None and not _draft_of(reading, cache):
+                    reading.stop.set()
+                if cancel.is_set():
+                    yield None
+                    return
+        finally:
+            with self._drafts:
+                self._replies_waiting -= 1
         try:
             self._drop_forgotten()
             yield self._switch_to(cache)
@@ -284,11 +402,14 @@ class LlamaCppEngine(FittedEngine):
         held = self._held
         if key is not None and held.key == key:
             return held
+        if key is not None and held.key == key.new_chat() and self._saved.get(key) is None:
+            held.key = key  # a new chat's first question, read while typed: its conversation takes it over
+            return held
         if held.key is not None and held.token_ids:
             state = self.context.snapshot()
             self._saved.put(held.key, _Saved(sequence=held, state=state), len(state))
         self.context.truncate(0)
-        saved = self._saved.pop(key) if key is not None else None
+        saved = (self._saved.pop(key) or self._saved.pop(key.new_chat())) if key is not None else None
         if saved is not None and self.context.restore(saved.state):
             self._held = replace(saved.sequence, token_ids=list(saved.sequence.token_ids))
         else:
@@ -315,3 +436,8 @@ class LlamaCppEngine(FittedEngine):
             done.set()
             watcher.join()
             self.context.resume()
+
+
+def _draft_of(draft: _Draft, cache: CacheKey | None) -> bool:
+    """Whether a reply for ``cache`` needs what ``draft`` reads: its conversation's, or the new chat's it was sent from."""
+    return cache is not None and draft.key in (cache, cache.new_chat())

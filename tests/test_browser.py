@@ -142,3 +142,22 @@ def test_the_ready_page_says_which_model_runs_and_in_what_precision(app_server, 
     assert not any(found.values()), "\n".join(
         f"axe-core ({size.name}, {theme}):\n{support.describe_violations(violations)}"
         for theme, violations in found.items() if violations)
+
+
+@pytest.mark.parametrize("size", WINDOW_SIZES)
+def test_a_photo_and_question_typed_before_send_are_already_read(app_server, app_browser, size: WindowSize):
+    """While the photo sits in the composer and the question is typed, the server reads them; after
+    Send only the last word and the assistant's turn are left, which the reply's footer shows."""
+    with support.visitor(app_browser, size) as context:
+        page = support.open_app(context, app_server)
+        expect(page.locator("#model-runs-on .runs-on")).to_contain_text("llama.cpp", timeout=120_000)
+        page.locator("#chat-input input[type=file]").set_input_files(str(ASSETS / "coffee.jpg"))
+        page.locator("#chat-input textarea").press_sequentially("What is on the table in", delay=40)
+        page.wait_for_timeout(1500)  # the tiny model reads it in milliseconds; the events take longer
+        page.locator("#chat-input textarea").press_sequentially(" this photo?", delay=40)
+        page.locator("#send-button").click()
+        footer = page.locator("#chatbot .reply-footer").last
+        footer.filter(has_text="prompt tokens reused").wait_for(timeout=120_000)
+        reused, prompt = map(int, re.search(r"(\d+) of (\d+) prompt tokens reused", footer.inner_text()).groups())
+        assert prompt - reused <= 8  # " this photo?" and " ASSISTANT:"
+        page.close()

@@ -29,6 +29,11 @@ it waits on its job, so the rest stay free for sending, opening and searching; a
 limit waits in the queue and then gets the reply as far as it has come."""
 
 
+DRAFT_LIMIT = 2
+"""Composers handled at once while people type: each event only cleans a new photo (under a second)
+and hands the draft to the engine, which reads one draft at a time and always after replies."""
+
+
 def build_app(services: Services) -> gr.Blocks:
     """The whole UI bound to `services`. Building it loads nothing and starts nothing."""
     h = Handlers(services)
@@ -107,7 +112,11 @@ def _connect(demo: gr.Blocks, page: Page, h: Handlers, library: Library, timer: 
         slider.release(on(h.remember_settings), [st.conversation, *params], outputs, api_name=False,
                        show_progress="hidden")
 
-    # chat: store the question and start its reply on the server, then follow the reply
+    # chat: read the question ahead while it is typed (`change`: Gradio 6's MultimodalTextbox never
+    # sends `input`); store it and start its reply on the server, then follow the reply
+    k.input.change(owned(resolve, h.draft, render=lambda _view: None),
+                  [k.input, st.conversation, st.editing, *params], None, api_name=False, show_progress="hidden",
+                  trigger_mode="always_last", concurrency_id="draft", concurrency_limit=DRAFT_LIMIT)
     for trigger in (k.input.submit, k.send.click):
         sent = trigger(on(h.send), [k.input, st.conversation, st.editing, *params], outputs, api_name=False,
                        show_progress="hidden", concurrency_limit=None)
