@@ -31,6 +31,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from mipha_core.caching import ByteBoundedLRU, CacheKey, realign_replies, shared_prefix_length
+from mipha_core.conversation import Turn
 from mipha_core.engine import CacheSettings
 from mipha_core.errors import ContextOverflowError, InvalidMessagesError, MiphaError
 from mipha_core.fitting import MIN_REPLY_TOKENS, FittedEngine, PreparedPrompt, PromptFitter
@@ -109,7 +110,12 @@ class LlamaCppEngine(FittedEngine):
             max_bytes=caches.image_feature_bytes,
         )
         self._saved: ByteBoundedLRU[_Saved] = ByteBoundedLRU(caches.kv_cache_bytes)
+        self.shared_opening_ids = _template_opening(self.fitter)
+        """What every prompt with Mipha's own system sentence starts with (that sentence and "USER:").
+        It is public text, so the context keeps its KV state for whoever comes next: read once here."""
         self._held = _Sequence()
+        self.context.read_tokens(self.shared_opening_ids, logits_for_last=False)
+        self._held.token_ids = list(self.shared_opening_ids)
         self._lock = threading.Lock()
         self._forgotten: set[CacheKey] = set()
         self._forgotten_lock = threading.Lock()
@@ -212,8 +218,7 @@ class LlamaCppEngine(FittedEngine):
         with self._forgotten_lock:
             forgotten, self._forgotten = self._forgotten, set()
         if self._held.key in forgotten:
-            self.context.truncate(0)
-            self._held = _Sequence()
+            self._start_over(None)
 
     def close(self) -> None:
         with self._drafts:
@@ -253,8 +258,7 @@ class LlamaCppEngine(FittedEngine):
             read = self.context.length
             held.token_ids = ids + generated if read >= len(ids) else ids[:read]
             if cache is None:
-                self.context.truncate(0)
-                self._held = _Sequence()
+                self._start_over(None)
             streamer.end()
         return torch.tensor([ids + generated])
 
@@ -408,12 +412,19 @@ class LlamaCppEngine(FittedEngine):
         if held.key is not None and held.token_ids:
             state = self.context.snapshot()
             self._saved.put(held.key, _Saved(sequence=held, state=state), len(state))
-        self.context.truncate(0)
         saved = (self._saved.pop(key) or self._saved.pop(key.new_chat())) if key is not None else None
         if saved is not None and self.context.restore(saved.state):
             self._held = replace(saved.sequence, token_ids=list(saved.sequence.token_ids))
-        else:
-            self._held = _Sequence(key=key)
+            return self._held
+        return self._start_over(key)
+
+    def _start_over(self, key: CacheKey | None) -> _Sequence:
+        """With the lock held: a sequence for ``key`` holding only ``shared_opening_ids``, kept where
+        the context holds them (nothing else of what it held stays)."""
+        opening = self.shared_opening_ids
+        keep = len(opening) if self._held.read_ids(self.context.length)[:len(opening)] == opening else 0
+        self.context.truncate(keep)
+        self._held = _Sequence(key=key, token_ids=list(opening[:keep]))
         return self._held
 
     @contextmanager
@@ -441,3 +452,12 @@ class LlamaCppEngine(FittedEngine):
 def _draft_of(draft: _Draft, cache: CacheKey | None) -> bool:
     """Whether a reply for ``cache`` needs what ``draft`` reads: its conversation's, or the new chat's it was sent from."""
     return cache is not None and draft.key in (cache, cache.new_chat())
+
+
+def _template_opening(fitter: PromptFitter) -> list[int]:
+    """The ids a prompt with Mipha's own system sentence starts with, whether a photo follows or not."""
+    prompts = [fitter.token_ids([Turn(question)], image_turn=image_turn)
+               for question in ("Hi", "What? 1") for image_turn in (None, 0)]
+    same = next((i for i, ids in enumerate(zip(*prompts, strict=False)) if len(set(ids)) > 1),
+                min(map(len, prompts)))
+    return prompts[0][:same]

@@ -205,7 +205,25 @@ def test_forgetting_a_conversation_drops_its_state(llama_engines, photo):
     engine.forget(key)
     again = engine.stream([*turn, assistant(answer), user("More?")], max_new_tokens=4, temperature=0, cache=key)
     again.text()
-    assert again.stats.reused_tokens == 0
+    assert again.stats.reused_tokens == len(engine.shared_opening_ids)  # Mipha's public system sentence only
+
+
+def test_a_new_conversation_reads_no_system_sentence_and_no_one_elses_words(llama_engines, photo):
+    engine = llama_engines["int8"]
+    opening = engine.shared_opening_ids
+    assert engine.tokenizer.decode(opening).endswith("questions. USER:")
+    engine.stream([user("What is in this photo?", photo)], max_new_tokens=4, temperature=0,
+                  cache=CacheKey("gus", "g")).text()
+    for messages in ([user("What is in this photo?", photo)], [user("What is in this photo?")]):
+        fresh = engine.stream(messages, max_new_tokens=4, temperature=0, cache=CacheKey("hal", str(len(messages[0]))))
+        text = fresh.text()
+        assert fresh.stats.reused_tokens == len(opening)  # not gus's question, nor his photo
+        assert text == engine.stream(messages, max_new_tokens=4, temperature=0).text()
+    custom = [{"role": "system", "content": "Answer in French."}, user("What is in this photo?")]
+    other = engine.stream(custom, max_new_tokens=4, temperature=0, cache=CacheKey("hal", "custom"))
+    answer = other.text()
+    assert other.stats.reused_tokens < len(opening)  # at most the words it shares with Mipha's sentence
+    assert answer == engine.stream(custom, max_new_tokens=4, temperature=0).text()
 
 
 def test_stop_ends_the_photo_encoding_between_layers(llama_engines, photo):
