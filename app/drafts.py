@@ -17,7 +17,7 @@ from mipha_core.images import load_image
 from mipha_core.photos import StoredPhoto
 from storage.images import prepare_image
 
-KEPT_DRAFT_PHOTOS = 8
+KEPT_DRAFT_PHOTOS = 4
 """Composers whose cleaned photo is kept (each at most ``max_image_bytes``)."""
 
 
