@@ -1,0 +1,95 @@
+"""Prompt reading, ours against llama.cpp's, one repetition of each in turn.
+
+    python -m bench.prompt_interleaved                     # int8 (Q8_0), 3 rounds
+    python -m bench.prompt_interleaved --precision int4 --rounds 5
+
+This project's VM drifts by 10-30% within minutes, so a benchmark that measures ours and then
+llama.cpp cannot tell a 5% gap from the drift. Here each round reads a photo-shaped prompt of 771
+positions with the engine's ``LlamaCppContext`` as the engine does (text ids, the 729 image
+features as input embeddings, text ids), then runs ``llama-bench -p 771 -n 0 -r 1`` on the same
+GGUF file with flash attention off (as ours) and at its default (auto). The vision tower is not
+run: the comparison adds our vision time to both sides. Needs the llama.cpp build cached by
+``python -m bench.llama_cpp``. Prints every round and the medians; writes JSON to bench/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import time
+
+import torch
+
+from bench.chat_latency import CHECKPOINT, HERE, RESULTS, build_checkpoint, machine
+from bench.llama_cpp import cpu_flags
+from bench.llama_cpp_build import existing_llama_cpp
+from bench.memory import read_bandwidth
+from mipha_core.checkpoint import read_checkpoint_config
+from mipha_core.gguf_export import GGUF_PRECISIONS, language_model_gguf
+from mipha_core.llama_cpp_runtime import LlamaCppContext, physical_cores
+
+IMAGE_POSITIONS = 729
+TEXT_BEFORE, TEXT_AFTER = 32, 10
+"""The bench's first turn: Mipha's system sentence and "USER: " before the photo, the question after."""
+
+
+def ours(context: LlamaCppContext, features: torch.Tensor) -> float:
+    """Positions per second reading the photo prompt from an empty context, as the engine reads it."""
+    context.truncate(0)
+    started = time.perf_counter()
+    context.read_tokens(list(range(1000, 1000 + TEXT_BEFORE)), logits_for_last=False)
+    context.read_embeddings(features, logits_for_last=False)
+    context.read_tokens(list(range(2000, 2000 + TEXT_AFTER)), logits_for_last=True)
+    return (TEXT_BEFORE + IMAGE_POSITIONS + TEXT_AFTER) / (time.perf_counter() - started)
+
+
+def llama_bench(tool: str, gguf: str, *, threads: int, flash_attention: str) -> float:
+    positions = TEXT_BEFORE + IMAGE_POSITIONS + TEXT_AFTER
+    output = subprocess.run([tool, "-m", gguf, "-p", str(positions), "-n", "0", "-t", str(threads), "-r", "1",
+                             "-fa", flash_attention, "-o", "json"], capture_output=True, text=True, check=True).stdout
+    return float(json.loads(output)[0]["avg_ts"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--precision", choices=["int8", "int4"], default="int8")
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    checkpoint = build_checkpoint(CHECKPOINT)
+    config = read_checkpoint_config(checkpoint)
+    gguf = language_model_gguf(checkpoint, config, precision=GGUF_PRECISIONS[args.precision],
+                               cache_dir=HERE / ".cache" / "data" / "gguf")
+    tool = str(existing_llama_cpp().tool("llama-bench"))
+    threads = physical_cores()
+    context = LlamaCppContext(gguf, context_length=config.context_length, threads=threads)
+    features = torch.randn(IMAGE_POSITIONS, context.hidden_size, generator=torch.Generator().manual_seed(0)) * 0.02
+    ours(context, features)  # the first read pages the weights in
+    rounds = []
+    for index in range(args.rounds):
+        sample = {"ours": ours(context, features),
+                  "llama_cpp_fa_off": llama_bench(tool, str(gguf), threads=threads, flash_attention="0"),
+                  "llama_cpp_fa_auto": llama_bench(tool, str(gguf), threads=threads, flash_attention="auto")}
+        rounds.append(sample)
+        print(f"round {index + 1}: ours {sample['ours']:.2f}  llama.cpp fa off {sample['llama_cpp_fa_off']:.2f}  "
+              f"fa auto {sample['llama_cpp_fa_auto']:.2f} tok/s", flush=True)
+    context.close()
+    medians = {name: statistics.median(sample[name] for sample in rounds) for name in rounds[0]}
+    ratios = [sample["ours"] / sample["llama_cpp_fa_auto"] for sample in rounds]
+    report = {"machine": {**machine(), "cpu_flags": cpu_flags()}, "bandwidth_bytes_per_second": read_bandwidth(),
+              "precision": args.precision, "gguf": gguf.name, "threads": threads, "rounds": rounds,
+              "medians": medians, "ratios_to_fa_auto": ratios}
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"prompt_interleaved-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(report, indent=2))
+    print(f"{report['machine']['cpu']}; flags {' '.join(report['machine']['cpu_flags'])}; {threads} threads; "
+          f"memory read bandwidth {report['bandwidth_bytes_per_second'] / 1e9:.1f} GB/s")
+    print(f"medians: ours {medians['ours']:.2f}, llama.cpp fa off {medians['llama_cpp_fa_off']:.2f}, "
+          f"fa auto {medians['llama_cpp_fa_auto']:.2f} tok/s; ours / fa auto per round: "
+          + ", ".join(f"{ratio:.2f}" for ratio in ratios))
+    print(f"written to {path}")
+
+
+if __name__ == "__main__":
+    main()
