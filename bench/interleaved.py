@@ -1,14 +1,16 @@
-"""Prompt reading, ours against llama.cpp's, one repetition of each in turn.
+"""Prompt reading and decoding, ours against llama.cpp's, one repetition of each in turn.
 
-    python -m bench.prompt_interleaved                     # int8 (Q8_0), 3 rounds
-    python -m bench.prompt_interleaved --precision int4 --rounds 5
+    python -m bench.interleaved                     # int8 (Q8_0), 3 rounds
+    python -m bench.interleaved --precision int4 --rounds 5
 
 This project's VM drifts by 10-30% within minutes, so a benchmark that measures ours and then
 llama.cpp cannot tell a 5% gap from the drift. Here each round reads a photo-shaped prompt of 771
 positions with the engine's ``LlamaCppContext`` as the engine does (text ids, the 729 image
 features as input embeddings, text ids), then runs ``llama-bench -p 771 -n 0 -r 1`` on the same
-GGUF file with flash attention off (as ours) and at its default (auto). The vision tower is not
-run: the comparison adds our vision time to both sides. Needs the llama.cpp build cached by
+GGUF file with flash attention off (as ours) and at its default (auto); then ours decodes 32
+tokens after that prompt as a greedy reply does (logits, the sampler, the token read back) against
+``llama-bench -p 0 -n 32 -d 771``. The vision tower is not run: the comparison adds our vision
+time to both sides. Needs the llama.cpp build cached by
 ``python -m bench.llama_cpp``. Prints every round and the medians; writes JSON to bench/results/.
 """
 
@@ -27,12 +29,15 @@ from bench.llama_cpp import cpu_flags
 from bench.llama_cpp_build import existing_llama_cpp
 from bench.memory import read_bandwidth
 from mipha_core.checkpoint import read_checkpoint_config
+from mipha_core.generation import GenerationParams, TokenSampler
 from mipha_core.gguf_export import GGUF_PRECISIONS, language_model_gguf
 from mipha_core.llama_cpp_runtime import LlamaCppContext, physical_cores
 
 IMAGE_POSITIONS = 729
 TEXT_BEFORE, TEXT_AFTER = 32, 10
 """The bench's first turn: Mipha's system sentence and "USER: " before the photo, the question after."""
+PROMPT_POSITIONS = TEXT_BEFORE + IMAGE_POSITIONS + TEXT_AFTER
+REPLY_TOKENS = 32
 
 
 def ours(context: LlamaCppContext, features: torch.Tensor) -> float:
@@ -42,13 +47,23 @@ def ours(context: LlamaCppContext, features: torch.Tensor) -> float:
     context.read_tokens(list(range(1000, 1000 + TEXT_BEFORE)), logits_for_last=False)
     context.read_embeddings(features, logits_for_last=False)
     context.read_tokens(list(range(2000, 2000 + TEXT_AFTER)), logits_for_last=True)
-    return (TEXT_BEFORE + IMAGE_POSITIONS + TEXT_AFTER) / (time.perf_counter() - started)
+    return PROMPT_POSITIONS / (time.perf_counter() - started)
 
 
-def llama_bench(tool: str, gguf: str, *, threads: int, flash_attention: str) -> float:
-    positions = TEXT_BEFORE + IMAGE_POSITIONS + TEXT_AFTER
-    output = subprocess.run([tool, "-m", gguf, "-p", str(positions), "-n", "0", "-t", str(threads), "-r", "1",
-                             "-fa", flash_attention, "-o", "json"], capture_output=True, text=True, check=True).stdout
+def ours_decode(context: LlamaCppContext) -> float:
+    """Tokens per second of a greedy reply after the prompt ``ours`` left, as the engine generates it."""
+    sampler = TokenSampler(GenerationParams(max_new_tokens=REPLY_TOKENS, temperature=0.0), suppressed_ids=[])
+    started = time.perf_counter()
+    for _ in range(REPLY_TOKENS):
+        context.read_tokens([sampler(context.last_logits())], logits_for_last=True)
+    return REPLY_TOKENS / (time.perf_counter() - started)
+
+
+def llama_bench(tool: str, gguf: str, *, threads: int, flash_attention: str, decode: bool = False) -> float:
+    test = ["-p", "0", "-n", str(REPLY_TOKENS), "-d", str(PROMPT_POSITIONS)] if decode else \
+        ["-p", str(PROMPT_POSITIONS), "-n", "0"]
+    output = subprocess.run([tool, "-m", gguf, *test, "-t", str(threads), "-r", "1", "-fa", flash_attention,
+                             "-o", "json"], capture_output=True, text=True, check=True).stdout
     return float(json.loads(output)[0]["avg_ts"])
 
 
@@ -68,26 +83,36 @@ def main() -> None:
     ours(context, features)  # the first read pages the weights in
     rounds = []
     for index in range(args.rounds):
-        sample = {"ours": ours(context, features),
-                  "llama_cpp_fa_off": llama_bench(tool, str(gguf), threads=threads, flash_attention="0"),
-                  "llama_cpp_fa_auto": llama_bench(tool, str(gguf), threads=threads, flash_attention="auto")}
+        sample = {"ours": ours(context, features), "ours_decode": ours_decode(context)}
+        for name, decode in (("llama_cpp", False), ("llama_cpp_decode", True)):
+            for flash_attention in ("off", "auto"):
+                sample[f"{name}_fa_{flash_attention}"] = llama_bench(
+                    tool, str(gguf), threads=threads, flash_attention="0" if flash_attention == "off" else "auto",
+                    decode=decode)
         rounds.append(sample)
-        print(f"round {index + 1}: ours {sample['ours']:.2f}  llama.cpp fa off {sample['llama_cpp_fa_off']:.2f}  "
-              f"fa auto {sample['llama_cpp_fa_auto']:.2f} tok/s", flush=True)
+        print(f"round {index + 1}: prompt ours {sample['ours']:.2f}, llama.cpp fa off "
+              f"{sample['llama_cpp_fa_off']:.2f} / auto {sample['llama_cpp_fa_auto']:.2f}; decode ours "
+              f"{sample['ours_decode']:.2f}, llama.cpp fa off {sample['llama_cpp_decode_fa_off']:.2f} / auto "
+              f"{sample['llama_cpp_decode_fa_auto']:.2f} tok/s", flush=True)
     context.close()
     medians = {name: statistics.median(sample[name] for sample in rounds) for name in rounds[0]}
-    ratios = [sample["ours"] / sample["llama_cpp_fa_auto"] for sample in rounds]
+    ratios = {kind: [sample[ours_key] / sample[peer_key] for sample in rounds]
+              for kind, ours_key, peer_key in (("prompt", "ours", "llama_cpp_fa_auto"),
+                                               ("decode", "ours_decode", "llama_cpp_decode_fa_auto"))}
     report = {"machine": {**machine(), "cpu_flags": cpu_flags()}, "bandwidth_bytes_per_second": read_bandwidth(),
               "precision": args.precision, "gguf": gguf.name, "threads": threads, "rounds": rounds,
               "medians": medians, "ratios_to_fa_auto": ratios}
     RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"prompt_interleaved-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path = RESULTS / f"interleaved-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps(report, indent=2))
     print(f"{report['machine']['cpu']}; flags {' '.join(report['machine']['cpu_flags'])}; {threads} threads; "
           f"memory read bandwidth {report['bandwidth_bytes_per_second'] / 1e9:.1f} GB/s")
-    print(f"medians: ours {medians['ours']:.2f}, llama.cpp fa off {medians['llama_cpp_fa_off']:.2f}, "
+    print(f"prompt medians: ours {medians['ours']:.2f}, llama.cpp fa off {medians['llama_cpp_fa_off']:.2f}, "
           f"fa auto {medians['llama_cpp_fa_auto']:.2f} tok/s; ours / fa auto per round: "
-          + ", ".join(f"{ratio:.2f}" for ratio in ratios))
+          + ", ".join(f"{ratio:.2f}" for ratio in ratios["prompt"]))
+    print(f"decode medians: ours {medians['ours_decode']:.2f}, llama.cpp fa off "
+          f"{medians['llama_cpp_decode_fa_off']:.2f}, fa auto {medians['llama_cpp_decode_fa_auto']:.2f} tok/s; "
+          "ours / fa auto per round: " + ", ".join(f"{ratio:.2f}" for ratio in ratios["decode"]))
     print(f"written to {path}")
 
 
