@@ -9,6 +9,7 @@ clean it, without storing anything, and kept for the next keystrokes.
 from __future__ import annotations
 
 import threading
+from stat import S_ISREG
 from collections import OrderedDict
 from pathlib import Path
 
@@ -33,11 +34,12 @@ class DraftPhotos:
     def photo(self, owner_id: int, upload: Path) -> StoredPhoto | None:
         """The upload as it will be stored, decoded only when the engine needs its pixels; None
         when it is gone or not a photo storage would keep (Send then says why)."""
+        limit = self.storage.limits.max_image_bytes
         try:
             stat = upload.stat()
         except OSError:
             return None
-        if stat.st_size > self.storage.limits.max_image_bytes:
+        if not S_ISREG(stat.st_mode) or stat.st_size > limit:  # a device or pipe reads without end
             return None
         key = (owner_id, str(upload), stat.st_size, stat.st_mtime_ns)
         with self._lock:
@@ -45,7 +47,8 @@ class DraftPhotos:
                 self._photos.move_to_end(key)
                 return known
         try:
-            prepared = prepare_image(upload.read_bytes(), limits=self.storage.limits)
+            with upload.open("rb") as file:
+                prepared = prepare_image(file.read(limit + 1), limits=self.storage.limits)
         except (db.StorageError, OSError):
             return None
         cleaned = prepared.data

@@ -102,6 +102,7 @@ def test_someone_elses_draft_is_never_used_and_their_conversation_never_read(h, 
     {"text": "two photos", "files": [PHOTO, PHOTO]},
     {"text": "not a photo", "files": [{"path": str(ASSETS / "app.js")}]},
     {"text": "gone", "files": [{"path": "/nonexistent/upload.jpg"}]},
+    {"text": "endless", "files": [{"path": "/dev/zero"}]},
     None,
 ])
 def test_a_draft_send_would_refuse_is_not_read_and_shows_nothing(h, llama_tiny, message):
