@@ -9,9 +9,9 @@ clean it, without storing anything, and kept for the next keystrokes.
 from __future__ import annotations
 
 import threading
-from stat import S_ISREG
 from collections import OrderedDict
 from pathlib import Path
+from stat import S_ISREG
 
 import storage as db
 from mipha_core.images import load_image
