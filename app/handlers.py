@@ -238,10 +238,10 @@ class Handlers:
             return
         if conversation_id and self.replies.running((owner_id, conversation_id)):
             return
+        earlier, _ = self._before_question(owner_id, conversation_id, None)  # only the owner's conversation
         photo = self.draft_photos.photo(owner_id, Path(files[0])) if files else None
         if files and photo is None:
             return
-        earlier, _ = self._before_question(owner_id, conversation_id, None)
         draft = DraftQuestion(text=text, image_sha256=photo.key if photo is not None else None)
         messages = model_messages([*earlier, draft], photo=lambda sha256: photo if photo is not None and
                                   sha256 == photo.key else stored_photo(self.storage, sha256))
