@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from mipha_core.errors import MiphaError, ModelLoadError
+from mipha_core.llama_cpp_state import StateLayoutError, flip_value_layout
 
 logger = logging.getLogger(__name__)
 
@@ -29,11 +30,14 @@ BATCH_TOKENS = 2048
 """Positions handed to one ``llama_decode`` (llama-bench's default batch); llama.cpp computes them
 in micro-batches of ``MICRO_BATCH_TOKENS``."""
 MICRO_BATCH_TOKENS = 512
-FLASH_ATTENTION = False
-"""llama.cpp's CPU flash-attention kernel decodes slowly after a long prompt: on a 2-core AVX2 EPYC
-(Q8_0, 771 positions of photo and question read) 5.0 tok/s with it against 6.7 without, while it
-reads the prompt only ~3% faster (25.0 against 24.3 tok/s). A chat reply decodes tens to hundreds
-of tokens after the photo, so it is off; llama.cpp's own default ("auto") turns it on."""
+BULK_READ_POSITIONS = 256
+"""Reads of at least this many positions (a photo's 729) go to a second context with flash attention.
+
+llama.cpp's CPU flash-attention kernel reads a long batch faster but decodes slowly: on a 2-core
+AVX2 EPYC (Q8_0, the bench's 771-position photo prompt, four alternating rounds) it read 21.0 tok/s
+against 19.0 without, but decoded 3.1 tok/s against 4.9 and read a 20-token question in 2.2 s
+against 1.1. So a photo is read with it and everything else without, and the sequence moves
+between the two contexts (0.45 s for 770 positions, ``llama_cpp_state``) only when the side changes."""
 
 
 class DecodeAbortedError(MiphaError):
@@ -63,13 +67,19 @@ def physical_cores() -> int:
 
 
 class LlamaCppContext:
-    """A GGUF model with one context of ``context_length`` positions, on ``threads`` CPU threads.
+    """A GGUF model with one sequence of up to ``context_length`` positions, on ``threads`` CPU threads.
+
+    Two llama.cpp contexts share the model's weights: a decoder without flash attention, and a
+    reader with it for reads of ``bulk_positions`` or more (see ``BULK_READ_POSITIONS``; 0 turns the
+    reader off). One of them holds the sequence; the other holds a prefix of it, and gets the rest
+    only when a read needs that side. Snapshots are always in the decoder's layout.
 
     Not thread-safe: one reply at a time uses it (``LlamaCppEngine`` holds a lock); only
     ``abort`` may be called from another thread.
     """
 
-    def __init__(self, path: Path, *, context_length: int, threads: int) -> None:
+    def __init__(self, path: Path, *, context_length: int, threads: int,
+                 bulk_positions: int = BULK_READ_POSITIONS) -> None:
         import llama_cpp
 
         self._api = llama_cpp
@@ -81,71 +91,63 @@ class LlamaCppContext:
         if not self._model:
             raise ModelLoadError(f"llama.cpp could not load {path}: delete the file to have it rebuilt, "
                                  "or use --runtime torch")
-        context_params = llama_cpp.llama_context_default_params()
-        context_params.n_ctx = context_length
-        context_params.n_batch = BATCH_TOKENS
-        context_params.n_ubatch = MICRO_BATCH_TOKENS
-        context_params.n_seq_max = 1
-        context_params.flash_attn_type = int(FLASH_ATTENTION)
-        context_params.n_threads = threads
-        context_params.n_threads_batch = threads
-        context_params.no_perf = True
-        self._context = llama_cpp.llama_init_from_model(self._model, context_params)
-        if not self._context:
-            llama_cpp.llama_model_free(self._model)
-            raise ModelLoadError(f"llama.cpp could not make a {context_length}-position context: "
-                                 "free some memory, or use --runtime torch")
+        self._lock = threading.Lock()
+        self._abort_flag = ctypes.create_string_buffer(2)
+        self._contexts: list[ctypes.c_void_p] = []
+        self._decoder = self._new_context(context_length, threads, flash_attention=False)
+        self._reader = self._new_context(context_length, threads, flash_attention=True) if bulk_positions else None
+        self.bulk_positions = bulk_positions
+        self._holder = self._decoder
+        self._last_read = self._decoder
+        self._both_hold = 0
+        """How many first positions the two contexts hold alike."""
         self.vocab_size = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self._model))
         self.model_bytes = llama_cpp.llama_model_size(self._model)  # all read for every decoded token
         self.hidden_size = llama_cpp.llama_model_n_embd(self._model)
-        self._memory = llama_cpp.llama_get_memory(self._context)
-        self._abort_flag = ctypes.create_string_buffer(2)
-        self._abort_check = _flag_reader()
-        llama_cpp.llama_set_abort_callback(self._context, self._abort_check,
-                                           ctypes.cast(self._abort_flag, ctypes.c_void_p))
-        self._lock = threading.Lock()
 
     @property
     def length(self) -> int:
         """How many positions the sequence holds."""
-        return int(self._api.llama_memory_seq_pos_max(self._memory, 0)) + 1
+        return self._length(self._holder)
 
     def truncate(self, length: int) -> None:
         """Keep the first ``length`` positions and forget the rest."""
-        self._api.llama_memory_seq_rm(self._memory, 0, length, -1)
+        self._api.llama_memory_seq_rm(self._api.llama_get_memory(self._holder), 0, length, -1)
+        self._both_hold = min(self._both_hold, length)
 
     def read_tokens(self, token_ids: Sequence[int], *, logits_for_last: bool) -> None:
         """Read ``token_ids`` at the positions after the sequence; ``DecodeAbortedError`` on ``abort``."""
+        context = self._side_for(len(token_ids))
         for start in range(0, len(token_ids), BATCH_TOKENS):
             chunk = np.asarray(token_ids[start:start + BATCH_TOKENS], dtype=np.int32)
             last = logits_for_last and start + len(chunk) == len(token_ids)
-            self._decode(tokens=chunk, embeddings=None, logits_for_last=last)
+            self._decode(context, tokens=chunk, embeddings=None, logits_for_last=last)
 
     def read_embeddings(self, rows: torch.Tensor, *, logits_for_last: bool) -> None:
         """Read input embeddings (``(positions, hidden)``, e.g. projected image features) after the sequence."""
         values = rows.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy()
+        context = self._side_for(len(values))
         for start in range(0, len(values), BATCH_TOKENS):
             chunk = values[start:start + BATCH_TOKENS]
             last = logits_for_last and start + len(chunk) == len(values)
-            self._decode(tokens=None, embeddings=chunk, logits_for_last=last)
+            self._decode(context, tokens=None, embeddings=chunk, logits_for_last=last)
 
     def last_logits(self) -> torch.Tensor:
         """The next-token logits after the last position read (a copy, float32)."""
-        pointer = self._api.llama_get_logits_ith(self._context, -1)
+        pointer = self._api.llama_get_logits_ith(self._last_read, -1)
         return torch.from_numpy(np.ctypeslib.as_array(pointer, shape=(self.vocab_size,)).copy())
 
     def snapshot(self) -> bytes:
         """The sequence's state (its KV cache), to ``restore`` later in this context."""
-        size = self._api.llama_state_seq_get_size(self._context, 0)
-        buffer = (ctypes.c_uint8 * size)()
-        written = self._api.llama_state_seq_get_data(self._context, buffer, size, 0)
-        return bytes(memoryview(buffer)[:written])
+        self._move_to(self._decoder)
+        return bytes(self._state_of(self._decoder))
 
     def restore(self, state: bytes) -> bool:
         """Replace the sequence with a ``snapshot``; False when llama.cpp refused it (the sequence is then empty)."""
+        self._holder = self._decoder
+        self._both_hold = 0
         self.truncate(0)
-        buffer = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
-        if self._api.llama_state_seq_set_data(self._context, buffer, len(state), 0) == 0:
+        if not self._put_state(self._decoder, np.frombuffer(state, dtype=np.uint8)):
             self.truncate(0)
             return False
         return True
@@ -159,17 +161,81 @@ class LlamaCppContext:
 
     def close(self) -> None:
         with self._lock:
-            if self._context:
-                self._api.llama_free(self._context)
-                self._context = None
+            for context in self._contexts:
+                self._api.llama_free(context)
+            self._contexts = []
             if self._model:
                 self._api.llama_model_free(self._model)
                 self._model = None
 
-    def _decode(self, *, tokens: np.ndarray | None, embeddings: np.ndarray | None, logits_for_last: bool) -> None:
+    def _new_context(self, context_length: int, threads: int, *, flash_attention: bool):
+        api = self._api
+        params = api.llama_context_default_params()
+        params.n_ctx = context_length
+        params.n_batch = BATCH_TOKENS
+        params.n_ubatch = MICRO_BATCH_TOKENS
+        params.n_seq_max = 1
+        params.flash_attn_type = int(flash_attention)
+        params.n_threads = threads
+        params.n_threads_batch = threads
+        params.no_perf = True
+        context = api.llama_init_from_model(self._model, params)
+        if not context:
+            self.close()
+            raise ModelLoadError(f"llama.cpp could not make a {context_length}-position context: "
+                                 "free some memory, or use --runtime torch")
+        self._contexts.append(context)
+        api.llama_set_abort_callback(context, _flag_reader(), ctypes.cast(self._abort_flag, ctypes.c_void_p))
+        return context
+
+    def _side_for(self, positions: int):
+        """The context to read ``positions`` more with, holding the sequence."""
+        bulk = self._reader is not None and positions >= self.bulk_positions
+        self._move_to(self._reader if bulk else self._decoder)
+        return self._holder
+
+    def _move_to(self, context) -> None:
+        """Make ``context`` hold the sequence: cut back what it holds beyond the shared prefix, or
+        copy the whole state over when it lacks some (its V layout flipped)."""
+        if context == self._holder:
+            return
+        length = self.length
+        if self._both_hold < length:
+            state = self._state_of(self._holder)
+            try:
+                flip_value_layout(state)
+            except StateLayoutError:
+                logger.warning("llama.cpp's state layout is not the one expected: reading everything without "
+                               "flash attention from now on", exc_info=True)
+                self._reader = None
+                return
+            if not self._put_state(context, state):
+                raise MiphaError("llama.cpp could not move the conversation between its contexts: "
+                                 "start a new chat, or restart with --runtime torch")
+        else:
+            self._api.llama_memory_seq_rm(self._api.llama_get_memory(context), 0, length, -1)
+        self._holder = context
+        self._both_hold = length
+
+    def _length(self, context) -> int:
+        return int(self._api.llama_memory_seq_pos_max(self._api.llama_get_memory(context), 0)) + 1
+
+    def _state_of(self, context) -> np.ndarray:
+        size = self._api.llama_state_seq_get_size(context, 0)
+        state = np.empty(size, dtype=np.uint8)
+        written = self._api.llama_state_seq_get_data(context, state.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)),
+                                                     size, 0)
+        return state[:written]
+
+    def _put_state(self, context, state: np.ndarray) -> bool:
+        pointer = state.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))
+        return self._api.llama_state_seq_set_data(context, pointer, len(state), 0) != 0
+
+    def _decode(self, context, *, tokens: np.ndarray | None, embeddings: np.ndarray | None,
+                logits_for_last: bool) -> None:
         api = self._api
         count = len(tokens) if tokens is not None else len(embeddings)
-        start = self.length
+        start = self._length(context)
         batch = api.llama_batch_init(count, 0 if embeddings is None else embeddings.shape[1], 1)
         try:
             if tokens is not None:
@@ -185,9 +251,11 @@ class LlamaCppContext:
                 batch.logits[index] = 0
             batch.logits[count - 1] = 1 if logits_for_last else 0
             batch.n_tokens = count
-            status = api.llama_decode(self._context, batch)
+            status = api.llama_decode(context, batch)
         finally:
             api.llama_batch_free(batch)
+        if logits_for_last:
+            self._last_read = context
         if status == 2:
             raise DecodeAbortedError("reading was stopped")
         if status != 0:

@@ -1,0 +1,156 @@
+"""A photo is read in llama.cpp's flash-attention context and the reply decoded in the other one:
+the sequence moves between them, and what comes out is what one context alone gives."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mipha_core.checkpoint import read_checkpoint_config
+from mipha_core.gguf_export import GGUF_PRECISIONS, language_model_gguf
+from mipha_core.llama_cpp_runtime import DecodeAbortedError, LlamaCppContext
+from mipha_core.llama_cpp_state import StateLayoutError, flip_value_layout, values_transposed
+
+PHOTO_POSITIONS = 729
+
+
+@pytest.fixture(scope="module")
+def gguf(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    config = read_checkpoint_config(tiny_checkpoint)
+    return language_model_gguf(tiny_checkpoint, config, precision=GGUF_PRECISIONS["fp16"],
+                               cache_dir=tmp_path_factory.mktemp("gguf-bulk"))
+
+
+@pytest.fixture
+def contexts(gguf: Path) -> Iterator[tuple[LlamaCppContext, LlamaCppContext]]:
+    """A context that reads photos with flash attention, and one that reads everything without."""
+    both = (LlamaCppContext(gguf, context_length=2048, threads=1),
+            LlamaCppContext(gguf, context_length=2048, threads=1, bulk_positions=0))
+    yield both
+    for context in both:
+        context.close()
+
+
+def photo_rows(context: LlamaCppContext, seed: int = 0) -> torch.Tensor:
+    return torch.randn(PHOTO_POSITIONS, context.hidden_size, generator=torch.Generator().manual_seed(seed))
+
+
+def read_photo_prompt(context: LlamaCppContext, rows: torch.Tensor) -> None:
+    context.read_tokens(list(range(5, 20)), logits_for_last=False)
+    context.read_embeddings(rows, logits_for_last=False)
+    context.read_tokens(list(range(30, 40)), logits_for_last=True)
+
+
+def greedy_reply(context: LlamaCppContext, tokens: int = 8) -> list[int]:
+    reply = []
+    for _ in range(tokens):
+        reply.append(int(context.last_logits().argmax()))
+        context.read_tokens([reply[-1]], logits_for_last=True)
+    return reply
+
+
+def assert_same_logits(got: torch.Tensor, expected: torch.Tensor) -> None:
+    real = expected > -1000  # the tiny vocabulary's padding ids are pinned far below
+    assert int(got.argmax()) == int(expected.argmax())
+    assert torch.allclose(got[real], expected[real], atol=2e-2 * float(expected[real].abs().max()))
+
+
+def test_a_photo_read_with_flash_attention_answers_as_one_context_does(contexts):
+    bulk, single = contexts
+    rows = photo_rows(bulk)
+    for context in contexts:
+        read_photo_prompt(context, rows)
+    assert bulk.length == single.length == 15 + PHOTO_POSITIONS + 10
+    assert_same_logits(bulk.last_logits(), single.last_logits())
+    assert greedy_reply(bulk) == greedy_reply(single)
+    assert bulk.length == single.length
+
+
+def test_a_snapshot_taken_after_the_photo_restores_and_goes_on_alike(contexts):
+    bulk, single = contexts
+    rows = photo_rows(bulk, seed=1)
+    read_photo_prompt(bulk, rows)
+    state = bulk.snapshot()
+    assert values_transposed(np.frombuffer(state, dtype=np.uint8))  # the decoder's layout
+    bulk.truncate(0)
+    bulk.read_tokens(list(range(50, 60)), logits_for_last=True)
+    assert bulk.restore(state)
+    assert bulk.length == 15 + PHOTO_POSITIONS + 10
+    read_photo_prompt(single, rows)
+    bulk.read_tokens([7], logits_for_last=True)
+    single.read_tokens([7], logits_for_last=True)
+    assert_same_logits(bulk.last_logits(), single.last_logits())
+
+
+def test_cutting_back_into_the_photo_and_reading_again_matches_a_fresh_read(contexts):
+    bulk, single = contexts
+    first, second = photo_rows(bulk, seed=2), photo_rows(bulk, seed=3)
+    read_photo_prompt(bulk, first)
+    greedy_reply(bulk, tokens=3)
+    bulk.truncate(15)
+    bulk.read_embeddings(second, logits_for_last=False)
+    bulk.read_tokens(list(range(30, 40)), logits_for_last=True)
+    read_photo_prompt(single, second)
+    assert_same_logits(bulk.last_logits(), single.last_logits())
+    assert greedy_reply(bulk, tokens=4) == greedy_reply(single, tokens=4)
+
+
+def test_a_second_photo_later_in_the_conversation_is_read_after_the_whole_conversation(contexts):
+    bulk, single = contexts
+    for context in contexts:
+        read_photo_prompt(context, photo_rows(context, seed=4))
+        greedy_reply(context, tokens=3)
+        context.read_embeddings(photo_rows(context, seed=5), logits_for_last=True)
+    assert_same_logits(bulk.last_logits(), single.last_logits())
+    assert greedy_reply(bulk, tokens=3) == greedy_reply(single, tokens=3)
+
+
+def test_stop_during_the_photo_keeps_what_was_read_before_it(contexts):
+    bulk, _ = contexts
+    bulk.read_tokens(list(range(5, 20)), logits_for_last=False)
+    bulk.abort()
+    with pytest.raises(DecodeAbortedError):
+        bulk.read_embeddings(photo_rows(bulk), logits_for_last=False)
+    bulk.resume()
+    assert bulk.length == 15
+    bulk.read_embeddings(photo_rows(bulk), logits_for_last=True)
+    assert bulk.length == 15 + PHOTO_POSITIONS
+
+
+def test_flipping_the_value_layout_twice_gives_the_state_back(contexts):
+    _, single = contexts
+    read_photo_prompt(single, photo_rows(single))
+    state = np.frombuffer(single.snapshot(), dtype=np.uint8).copy()
+    flipped = state.copy()
+    flip_value_layout(flipped)
+    assert values_transposed(state) and not values_transposed(flipped)
+    assert not np.array_equal(flipped, state)
+    flip_value_layout(flipped)
+    assert np.array_equal(flipped, state)
+
+
+@pytest.mark.parametrize("damage", ["cut short", "streams", "cells shared", "unknown V type", "flag"])
+def test_a_state_of_another_layout_is_refused_not_misread(contexts, damage):
+    _, single = contexts
+    single.read_tokens(list(range(5, 25)), logits_for_last=True)
+    state = np.frombuffer(single.snapshot(), dtype=np.uint8).copy()
+    cells = int(state[12:16].view(np.uint32)[0])
+    flag_at = 16 + cells * 12
+    if damage == "cut short":
+        state = state[:-100]
+    elif damage == "streams":
+        state[8:12] = np.frombuffer(np.uint32(2).tobytes(), dtype=np.uint8)
+    elif damage == "cells shared":
+        state[16 + 4:16 + 8] = np.frombuffer(np.uint32(2).tobytes(), dtype=np.uint8)
+    elif damage == "flag":
+        state[flag_at:flag_at + 4] = np.frombuffer(np.uint32(7).tobytes(), dtype=np.uint8)
+    else:
+        state = state.copy()
+        flip_value_layout(state)
+        state[-(cells * 2 * 64 + 12):][:4] = np.frombuffer(np.int32(12).tobytes(), dtype=np.uint8)
+    with pytest.raises(StateLayoutError):
+        flip_value_layout(state)
