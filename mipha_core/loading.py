@@ -21,7 +21,12 @@ from mipha_core.errors import ModelLoadError
 from mipha_core.fitting import PromptFitter
 from mipha_core.gguf_export import GGUF_PRECISIONS, language_model_gguf
 from mipha_core.llama_cpp_engine import LlamaCppEngine
-from mipha_core.llama_cpp_runtime import LlamaCppContext, llama_cpp_available, physical_cores
+from mipha_core.llama_cpp_runtime import (
+    BULK_READ_POSITIONS,
+    LlamaCppContext,
+    llama_cpp_available,
+    physical_cores,
+)
 from mipha_core.modeling import MiphaForConditionalGeneration
 from mipha_core.precision import RUNTIMES, ModelSize, Precision, choose_precision
 from mipha_core.preprocessing import ImagePreprocessor
@@ -107,7 +112,8 @@ def _load_llama_cpp_engine(folder: Path, checkpoint: MiphaCheckpointConfig, *, t
     except (SafetensorError, OSError, RuntimeError) as error:
         raise ModelLoadError(f"the vision weights in {folder} could not be loaded ({error}): "
                              "download the model again") from error
-    context = LlamaCppContext(gguf, context_length=checkpoint.context_length, threads=physical_cores())
+    context = LlamaCppContext(gguf, context_length=checkpoint.context_length, threads=physical_cores(),
+                              bulk_positions=BULK_READ_POSITIONS if precision.photo_reader else 0)
     return LlamaCppEngine(
         context=context,
         vision=vision,

@@ -78,6 +78,9 @@ class Precision:
     """The language model's weights: "int8", "int4", "bf16", "fp16" or "fp32"."""
     quantization: Literal["8bit", "4bit"] | None = None
     """For the torch runtime: bitsandbytes or torch's packed kernels."""
+    photo_reader: bool = False
+    """For llama.cpp: a second context reads photos with flash attention (~10% faster, one more KV
+    cache; ``llama_cpp_runtime.BULK_READ_POSITIONS``). Dropped before the weights' precision is."""
 
     @property
     def label(self) -> str:
@@ -86,11 +89,12 @@ class Precision:
         return f"{self.weights} · {device}" + (" (llama.cpp)" if self.runtime == "llama.cpp" else "")
 
     def resident_bytes(self, size: ModelSize) -> int:
-        """About what the model keeps in memory once loaded (weights, one context's KV, buffers)."""
+        """About what the model keeps in memory once loaded (weights, KV caches, buffers)."""
         vision = size.vision_params * _itemsize(self.dtype)
         if self.runtime == "llama.cpp":
             language = size.language_params * _GGUF_BYTES_PER_WEIGHT[self.weights]
-            return int(language + vision + size.kv_bytes + _COMPUTE_BUFFER_BYTES)
+            contexts = 2 if self.photo_reader else 1
+            return int(language + vision + contexts * size.kv_bytes + _COMPUTE_BUFFER_BYTES)
         bits = {"8bit": 1, "4bit": 0.5}.get(self.quantization or "", _itemsize(self.dtype))
         return int(size.language_params * bits + vision + size.kv_bytes)
 
@@ -117,8 +121,8 @@ def choose_precision(*, device: str, dtype: str, quantization: str | None, runti
     if wants_llama and not llama_cpp_problem:
         weights = {"8bit": "int8", "4bit": "int4"}.get(quantization or "")
         options = [weights] if weights else ["int8", "int4"]
-        return _first_fitting([Precision("llama.cpp", torch_device, vision_dtype, option) for option in options],
-                              size=size, free=free)
+        return _first_fitting([Precision("llama.cpp", torch_device, vision_dtype, option, photo_reader=reader)
+                               for option in options for reader in (True, False)], size=size, free=free)
     if dtype != "auto" or quantization is not None:
         return _torch_precision(torch_device, vision_dtype, quantization)
     return _first_fitting([_torch_precision(torch_device, candidate, quantization)

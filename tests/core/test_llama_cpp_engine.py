@@ -94,11 +94,15 @@ MIPHA_3B = ModelSize(language_params=2_780_000_000, vision_params=412_000_000, l
                      context_length=2048)
 
 
-@pytest.mark.parametrize(("free_gb", "expected"), [(64, "int8"), (7, "int8"), (4.5, "int4"), (2, "int4")])
-def test_auto_takes_the_fastest_faithful_precision_that_fits_mipha_3b(free_gb, expected):
+@pytest.mark.parametrize(("free_gb", "expected", "photo_reader"),
+                         [(64, "int8", True), (7, "int8", False), (6.5, "int4", True), (4.5, "int4", False),
+                          (2, "int4", False)])
+def test_auto_takes_the_fastest_faithful_precision_that_fits_mipha_3b(free_gb, expected, photo_reader):
+    """The flash-attention photo reader's KV cache is the first thing dropped when memory is short,
+    before int8 weights are."""
     chosen = choose_precision(device="cpu", dtype="auto", quantization=None, runtime="auto", size=MIPHA_3B,
                               llama_cpp_problem=None, free_bytes=int(free_gb * 1024**3))
-    assert (chosen.runtime, chosen.weights) == ("llama.cpp", expected)
+    assert (chosen.runtime, chosen.weights, chosen.photo_reader) == ("llama.cpp", expected, photo_reader)
 
 
 def test_the_gguf_file_is_built_once(tiny_checkpoint, gguf_dir):
