@@ -6,8 +6,9 @@
 This project's VM drifts by 10-30% within minutes, so a benchmark that measures ours and then
 llama.cpp cannot tell a 5% gap from the drift. Here each round reads a photo-shaped prompt of 771
 positions with the engine's ``LlamaCppContext`` as the engine does (text ids, the 729 image
-features as input embeddings, text ids), then runs ``llama-bench -p 771 -n 0 -r 1`` on the same
-GGUF file with flash attention off (as ours) and at its default (auto); then ours decodes 32
+features as input embeddings in its flash-attention reader, text ids), then the same with one
+context (no photo reader: the engine's choice when memory is short), then runs ``llama-bench -p
+771 -n 0 -r 1`` on the same GGUF file with flash attention off and at its default (auto); then ours decodes 32
 tokens after that prompt as a greedy reply does (logits, the sampler, the token read back) against
 ``llama-bench -p 0 -n 32 -d 771``. The vision tower is not run: the comparison adds our vision
 time to both sides. Needs the llama.cpp build cached by
@@ -79,22 +80,27 @@ def main() -> None:
     tool = str(existing_llama_cpp().tool("llama-bench"))
     threads = physical_cores()
     context = LlamaCppContext(gguf, context_length=config.context_length, threads=threads)
+    one_context = LlamaCppContext(gguf, context_length=config.context_length, threads=threads, bulk_positions=0)
     features = torch.randn(IMAGE_POSITIONS, context.hidden_size, generator=torch.Generator().manual_seed(0)) * 0.02
     ours(context, features)  # the first read pages the weights in
+    ours(one_context, features)
     rounds = []
     for index in range(args.rounds):
-        sample = {"ours": ours(context, features), "ours_decode": ours_decode(context)}
+        sample = {"ours": ours(context, features), "ours_decode": ours_decode(context),
+                  "ours_one_context": ours(one_context, features)}
         for name, decode in (("llama_cpp", False), ("llama_cpp_decode", True)):
             for flash_attention in ("off", "auto"):
                 sample[f"{name}_fa_{flash_attention}"] = llama_bench(
                     tool, str(gguf), threads=threads, flash_attention="0" if flash_attention == "off" else "auto",
                     decode=decode)
         rounds.append(sample)
-        print(f"round {index + 1}: prompt ours {sample['ours']:.2f}, llama.cpp fa off "
+        print(f"round {index + 1}: prompt ours {sample['ours']:.2f} (one context "
+              f"{sample['ours_one_context']:.2f}), llama.cpp fa off "
               f"{sample['llama_cpp_fa_off']:.2f} / auto {sample['llama_cpp_fa_auto']:.2f}; decode ours "
               f"{sample['ours_decode']:.2f}, llama.cpp fa off {sample['llama_cpp_decode_fa_off']:.2f} / auto "
               f"{sample['llama_cpp_decode_fa_auto']:.2f} tok/s", flush=True)
     context.close()
+    one_context.close()
     medians = {name: statistics.median(sample[name] for sample in rounds) for name in rounds[0]}
     ratios = {kind: [sample[ours_key] / sample[peer_key] for sample in rounds]
               for kind, ours_key, peer_key in (("prompt", "ours", "llama_cpp_fa_auto"),
@@ -107,7 +113,7 @@ def main() -> None:
     path.write_text(json.dumps(report, indent=2))
     print(f"{report['machine']['cpu']}; flags {' '.join(report['machine']['cpu_flags'])}; {threads} threads; "
           f"memory read bandwidth {report['bandwidth_bytes_per_second'] / 1e9:.1f} GB/s")
-    print(f"prompt medians: ours {medians['ours']:.2f}, llama.cpp fa off {medians['llama_cpp_fa_off']:.2f}, "
+    print(f"prompt medians: ours {medians['ours']:.2f} (one context {medians['ours_one_context']:.2f}), llama.cpp fa off {medians['llama_cpp_fa_off']:.2f}, "
           f"fa auto {medians['llama_cpp_fa_auto']:.2f} tok/s; ours / fa auto per round: "
           + ", ".join(f"{ratio:.2f}" for ratio in ratios["prompt"]))
     print(f"decode medians: ours {medians['ours_decode']:.2f}, llama.cpp fa off "

@@ -350,22 +350,21 @@ class LlamaCppEngine(FittedEngine):
 
     def _read_prompt(self, ids: list[int], start: int, prepared: PreparedPrompt, *, owner: str | None,
                      streamer: CountingTextStreamer | None, cancel: threading.Event) -> None:
-        """Read ``ids[start:]``: text as token ids, the image's positions as its projected features."""
-        position = start
-        if prepared.image is not None and self.image_token_id in ids:
-            first = ids.index(self.image_token_id)
-            end = first + self.image_tokens
-            if position < end:
-                if position < first:
-                    self.context.read_tokens(ids[position:first], logits_for_last=False)
-                with self.vision.stoppable(cancel):
-                    features, seconds = self.photo_features.get(prepared.image, owner=owner)
-                if streamer is not None:
-                    streamer.vision_seconds = seconds
-                self.context.read_embeddings(features[max(position - first, 0):], logits_for_last=end == len(ids))
-                position = end
-        if position < len(ids):
-            self.context.read_tokens(ids[position:], logits_for_last=True)
+        """Read ``ids[start:]``: text as token ids, the image's positions as its projected features,
+        photo and the text around it in one batch."""
+        if prepared.image is None or self.image_token_id not in ids:
+            self.context.read_tokens(ids[start:], logits_for_last=True)
+            return
+        first = ids.index(self.image_token_id)
+        end = first + self.image_tokens
+        if start >= end:
+            self.context.read_tokens(ids[start:], logits_for_last=True)
+            return
+        with self.vision.stoppable(cancel):
+            features, seconds = self.photo_features.get(prepared.image, owner=owner)
+        if streamer is not None:
+            streamer.vision_seconds = seconds
+        self.context.read([ids[start:first], features[max(start - first, 0):], ids[end:]], logits_for_last=True)
 
     def _expected_reuse(self, cache: CacheKey | None, token_ids: list[int], image_key: str | None) -> int:
         if cache is None:

@@ -104,6 +104,7 @@ class LlamaCppContext:
         self.vocab_size = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self._model))
         self.model_bytes = llama_cpp.llama_model_size(self._model)  # all read for every decoded token
         self.hidden_size = llama_cpp.llama_model_n_embd(self._model)
+        self._token_table = TokenTable(path)
 
     @property
     def length(self) -> int:
@@ -131,6 +132,21 @@ class LlamaCppContext:
             chunk = values[start:start + BATCH_TOKENS]
             last = logits_for_last and start + len(chunk) == len(values)
             self._decode(context, tokens=None, embeddings=chunk, logits_for_last=last)
+
+    def read(self, parts: Sequence[Sequence[int] | torch.Tensor], *, logits_for_last: bool) -> None:
+        """Read token ids and input embeddings in their order after the sequence.
+
+        Where any part is embeddings (a photo), the whole is one batch of embeddings, the text as
+        its rows of the GGUF's own token table: the photo and the question after it are then one
+        ``llama_decode`` in the photo reader, and the question needs no separate small batch (about
+        15% slower per position) nor a move to the decoder before the first token."""
+        parts = [part for part in parts if len(part)]
+        if not any(isinstance(part, torch.Tensor) for part in parts):
+            self.read_tokens([token for part in parts for token in part], logits_for_last=logits_for_last)
+            return
+        rows = [part.detach().to(device="cpu", dtype=torch.float32) if isinstance(part, torch.Tensor)
+                else torch.from_numpy(self._token_table.rows(part)) for part in parts]
+        self.read_embeddings(torch.cat(rows), logits_for_last=logits_for_last)
 
     def last_logits(self) -> torch.Tensor:
         """The next-token logits after the last position read (a copy, float32)."""
@@ -261,6 +277,29 @@ class LlamaCppContext:
         if status != 0:
             raise MiphaError(f"llama.cpp could not read the prompt (llama_decode returned {status}): "
                              "start a new chat, or restart with --runtime torch")
+
+
+class TokenTable:
+    """The input embedding of token ids as llama.cpp computes it: their rows of the GGUF's
+    ``token_embd.weight``, dequantized to float32 (the file is memory-mapped; only rows asked for are read)."""
+
+    def __init__(self, path: Path) -> None:
+        import gguf
+
+        tensor = next((tensor for tensor in gguf.GGUFReader(path).tensors if tensor.name == "token_embd.weight"),
+                      None)
+        if tensor is None:
+            raise ModelLoadError(f"{path} has no token embedding table: delete the file to have it rebuilt")
+        self._tensor = tensor
+
+    def rows(self, token_ids: Sequence[int]) -> np.ndarray:
+        import gguf
+
+        ids = np.asarray(token_ids, dtype=np.int64)
+        if ids.size and (ids.min() < 0 or ids.max() >= len(self._tensor.data)):
+            raise MiphaError("a token id is outside the model's vocabulary")
+        return np.ascontiguousarray(gguf.quants.dequantize(self._tensor.data[ids], self._tensor.tensor_type),
+                                    dtype=np.float32)
 
 
 @cache

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from mipha_core.checkpoint import read_checkpoint_config
+from mipha_core.errors import MiphaError
 from mipha_core.gguf_export import GGUF_PRECISIONS, language_model_gguf
 from mipha_core.llama_cpp_runtime import DecodeAbortedError, LlamaCppContext
 from mipha_core.llama_cpp_state import StateLayoutError, flip_value_layout, values_transposed
@@ -154,3 +155,32 @@ def test_a_state_of_another_layout_is_refused_not_misread(contexts, damage):
         state[-(cells * 2 * 64 + 12):][:4] = np.frombuffer(np.int32(12).tobytes(), dtype=np.uint8)
     with pytest.raises(StateLayoutError):
         flip_value_layout(state)
+
+
+@pytest.mark.parametrize("precision", ["fp16", "int8", "int4"])
+def test_text_read_as_its_token_table_rows_answers_as_token_ids_do(tiny_checkpoint, tmp_path_factory, precision):
+    """A photo and the question after it are one batch of embeddings: the question's rows come from
+    the GGUF's own (quantized) table, so it reads as its token ids would."""
+    config = read_checkpoint_config(tiny_checkpoint)
+    path = language_model_gguf(tiny_checkpoint, config, precision=GGUF_PRECISIONS[precision],
+                               cache_dir=tmp_path_factory.mktemp(f"gguf-{precision}"))
+    one_batch, by_parts = (LlamaCppContext(path, context_length=2048, threads=1, bulk_positions=0) for _ in range(2))
+    try:
+        rows = photo_rows(one_batch, seed=6)
+        one_batch.read([list(range(5, 20)), rows, list(range(30, 40))], logits_for_last=True)
+        read_photo_prompt(by_parts, rows)
+        assert one_batch.length == by_parts.length
+        assert_same_logits(one_batch.last_logits(), by_parts.last_logits())
+        assert greedy_reply(one_batch, tokens=4) == greedy_reply(by_parts, tokens=4)
+    finally:
+        one_batch.close()
+        by_parts.close()
+
+
+def test_a_token_id_outside_the_vocabulary_is_refused_before_reading(contexts):
+    bulk, _ = contexts
+    bulk.read_tokens([5, 6], logits_for_last=True)
+    for hostile in ([10**9], [-1]):
+        with pytest.raises(MiphaError, match="outside the model's vocabulary"):
+            bulk.read([hostile, photo_rows(bulk)], logits_for_last=True)
+    assert bulk.length == 2
