@@ -5,8 +5,8 @@
 
 This project's VM drifts by 10-30% within minutes, so a benchmark that measures ours and then
 llama.cpp cannot tell a 5% gap from the drift. Here each round reads a photo-shaped prompt of 771
-positions with the engine's ``LlamaCppContext`` as the engine does (text ids, the 729 image
-features as input embeddings in its flash-attention reader, text ids), then the same with one
+positions with the engine's ``LlamaCppContext`` as the engine does (one batch of embeddings in its
+flash-attention reader: the text's rows of the token table around the 729 image features), then the same with one
 context (no photo reader: the engine's choice when memory is short), then runs ``llama-bench -p
 771 -n 0 -r 1`` on the same GGUF file with flash attention off and at its default (auto); then ours decodes 32
 tokens after that prompt as a greedy reply does (logits, the sampler, the token read back) against
@@ -45,9 +45,8 @@ def ours(context: LlamaCppContext, features: torch.Tensor) -> float:
     """Positions per second reading the photo prompt from an empty context, as the engine reads it."""
     context.truncate(0)
     started = time.perf_counter()
-    context.read_tokens(list(range(1000, 1000 + TEXT_BEFORE)), logits_for_last=False)
-    context.read_embeddings(features, logits_for_last=False)
-    context.read_tokens(list(range(2000, 2000 + TEXT_AFTER)), logits_for_last=True)
+    context.read([list(range(1000, 1000 + TEXT_BEFORE)), features, list(range(2000, 2000 + TEXT_AFTER))],
+                 logits_for_last=True)
     return PROMPT_POSITIONS / (time.perf_counter() - started)
 
 
