@@ -352,12 +352,9 @@ class LlamaCppEngine(FittedEngine):
                      streamer: CountingTextStreamer | None, cancel: threading.Event) -> None:
         """Read ``ids[start:]``: text as token ids, the image's positions as its projected features,
         photo and the text around it in one batch."""
-        if prepared.image is None or self.image_token_id not in ids:
-            self.context.read_tokens(ids[start:], logits_for_last=True)
-            return
-        first = ids.index(self.image_token_id)
-        end = first + self.image_tokens
-        if start >= end:
+        first = ids.index(self.image_token_id) if prepared.image is not None and self.image_token_id in ids else None
+        end = first + self.image_tokens if first is not None else 0
+        if first is None or start >= end:
             self.context.read_tokens(ids[start:], logits_for_last=True)
             return
         with self.vision.stoppable(cancel):

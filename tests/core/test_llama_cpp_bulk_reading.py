@@ -150,7 +150,6 @@ def test_a_state_of_another_layout_is_refused_not_misread(contexts, damage):
     elif damage == "flag":
         state[flag_at:flag_at + 4] = np.frombuffer(np.uint32(7).tobytes(), dtype=np.uint8)
     else:
-        state = state.copy()
         flip_value_layout(state)
         state[-(cells * 2 * 64 + 12):][:4] = np.frombuffer(np.int32(12).tobytes(), dtype=np.uint8)
     with pytest.raises(StateLayoutError):
