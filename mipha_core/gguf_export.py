@@ -86,17 +86,19 @@ def language_model_gguf(folder: Path, checkpoint: MiphaCheckpointConfig, *, prec
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
         f16 = target.with_name(target.name.replace(precision.file_type, GGUF_PRECISIONS["fp16"].file_type))
-        if not f16.is_file():
+        wrote_f16 = not f16.is_file()
+        if wrote_f16:
             logger.info("writing the language model of %s as GGUF (%s), once", folder, f16.name)
             _atomically(f16, lambda partial: write_f16_gguf(folder, checkpoint, partial))
         if precision.file_type != "F16":
             logger.info("quantizing the language model to %s with llama.cpp, once", precision.file_type)
             _atomically(target, lambda partial: quantize_gguf(f16, partial, precision))
-            f16.unlink()
+            if wrote_f16:  # one that was there is in use: the fp16 weights, or a photo reader's
+                f16.unlink()
     except OSError as error:
         raise ModelLoadError(
             f"could not write the llama.cpp copy of the model under {cache_dir} ({error.strerror or error}): "
-            "free disk space (about 6 GB for Mipha-3B), use --data-dir with a writable folder, or --runtime torch"
+            "free disk space (about 9 GB for Mipha-3B), use --data-dir with a writable folder, or --runtime torch"
         ) from error
     return target
 

@@ -37,7 +37,13 @@ llama.cpp's CPU flash-attention kernel reads a long batch faster but decodes slo
 AVX2 EPYC (Q8_0, the bench's 771-position photo prompt, four alternating rounds) it read 21.0 tok/s
 against 19.0 without, but decoded 3.1 tok/s against 4.9 and read a 20-token question in 2.2 s
 against 1.1. So a photo is read with it and everything else without, and the sequence moves
-between the two contexts (0.45 s for 770 positions, ``llama_cpp_state``) only when the side changes."""
+between the two contexts (0.45 s for 770 positions, ``llama_cpp_state``) only when the side changes.
+
+The reader may also run on other weights than the decoder: a batch is bound by arithmetic, where
+llama.cpp's F16 kernels (F16C and FMA) beat its Q8_0 ones, while a decoded token is bound by
+reading the weights, where Q8_0's half size wins. On the same EPYC (llama-bench, 786 positions,
+flash attention): F16 read 28.1 tok/s against Q8_0's 18.2, and decoded 3.2 tok/s against 4.8. The
+KV cache is F16 in both, so the sequence moves between the two models as between two contexts."""
 
 
 class DecodeAbortedError(MiphaError):
@@ -69,33 +75,35 @@ def physical_cores() -> int:
 class LlamaCppContext:
     """A GGUF model with one sequence of up to ``context_length`` positions, on ``threads`` CPU threads.
 
-    Two llama.cpp contexts share the model's weights: a decoder without flash attention, and a
+    Two llama.cpp contexts hold the sequence's KV cache: a decoder without flash attention, and a
     reader with it for reads of ``bulk_positions`` or more (see ``BULK_READ_POSITIONS``; 0 turns the
-    reader off). One of them holds the sequence; the other holds a prefix of it, and gets the rest
-    only when a read needs that side. Snapshots are always in the decoder's layout.
+    reader off), on the weights in ``reader_path`` where given (the same model in another number
+    format, e.g. F16 beside a Q8_0 decoder). One of them holds the sequence; the other holds a
+    prefix of it, and gets the rest only when a read needs that side. Snapshots are always in the
+    decoder's layout.
 
     Not thread-safe: one reply at a time uses it (``LlamaCppEngine`` holds a lock); only
     ``abort`` may be called from another thread.
     """
 
     def __init__(self, path: Path, *, context_length: int, threads: int,
-                 bulk_positions: int = BULK_READ_POSITIONS) -> None:
+                 bulk_positions: int = BULK_READ_POSITIONS, reader_path: Path | None = None) -> None:
         import llama_cpp
 
         self._api = llama_cpp
         _route_logs_once()
         llama_cpp.llama_backend_init()
-        model_params = llama_cpp.llama_model_default_params()
-        model_params.n_gpu_layers = 0
-        self._model = llama_cpp.llama_model_load_from_file(str(path).encode(), model_params)
-        if not self._model:
-            raise ModelLoadError(f"llama.cpp could not load {path}: delete the file to have it rebuilt, "
-                                 "or use --runtime torch")
         self._lock = threading.Lock()
         self._abort_flag = ctypes.create_string_buffer(2)
+        self._models: list[ctypes.c_void_p] = []
         self._contexts: list[ctypes.c_void_p] = []
-        self._decoder = self._new_context(context_length, threads, flash_attention=False)
-        self._reader = self._new_context(context_length, threads, flash_attention=True) if bulk_positions else None
+        self._model = self._load_model(path)
+        reader_model = self._model
+        if bulk_positions and reader_path is not None and reader_path != path:
+            reader_model = self._load_model(reader_path)
+        self._decoder = self._new_context(self._model, context_length, threads, flash_attention=False)
+        self._reader = (self._new_context(reader_model, context_length, threads, flash_attention=True)
+                        if bulk_positions else None)
         self.bulk_positions = bulk_positions
         self._holder = self._decoder
         self._last_read = self._decoder
@@ -104,7 +112,10 @@ class LlamaCppContext:
         self.vocab_size = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self._model))
         self.model_bytes = llama_cpp.llama_model_size(self._model)  # all read for every decoded token
         self.hidden_size = llama_cpp.llama_model_n_embd(self._model)
-        self._token_table = TokenTable(path)
+        self._token_tables = {self._decoder: TokenTable(path)}
+        if self._reader is not None:
+            self._token_tables[self._reader] = (TokenTable(reader_path) if reader_model != self._model
+                                                else self._token_tables[self._decoder])
 
     @property
     def length(self) -> int:
@@ -127,7 +138,9 @@ class LlamaCppContext:
     def read_embeddings(self, rows: torch.Tensor, *, logits_for_last: bool) -> None:
         """Read input embeddings (``(positions, hidden)``, e.g. projected image features) after the sequence."""
         values = rows.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy()
-        context = self._side_for(len(values))
+        self._read_rows(self._side_for(len(values)), values, logits_for_last=logits_for_last)
+
+    def _read_rows(self, context, values: np.ndarray, *, logits_for_last: bool) -> None:
         for start in range(0, len(values), BATCH_TOKENS):
             chunk = values[start:start + BATCH_TOKENS]
             last = logits_for_last and start + len(chunk) == len(values)
@@ -137,16 +150,18 @@ class LlamaCppContext:
         """Read token ids and input embeddings in their order after the sequence.
 
         Where any part is embeddings (a photo), the whole is one batch of embeddings, the text as
-        its rows of the GGUF's own token table: the photo and the question after it are then one
+        its rows of the reading model's own token table: the photo and the question after it are then one
         ``llama_decode`` in the photo reader, and the question needs no separate small batch (about
         15% slower per position) nor a move to the decoder before the first token."""
         parts = [part for part in parts if len(part)]
         if not any(isinstance(part, torch.Tensor) for part in parts):
             self.read_tokens([token for part in parts for token in part], logits_for_last=logits_for_last)
             return
-        rows = [part.detach().to(device="cpu", dtype=torch.float32) if isinstance(part, torch.Tensor)
-                else torch.from_numpy(self._token_table.rows(part)) for part in parts]
-        self.read_embeddings(torch.cat(rows), logits_for_last=logits_for_last)
+        context = self._side_for(sum(len(part) for part in parts))
+        table = self._token_tables[context]
+        rows = [part.detach().to(device="cpu", dtype=torch.float32).numpy() if isinstance(part, torch.Tensor)
+                else table.rows(part) for part in parts]
+        self._read_rows(context, np.ascontiguousarray(np.concatenate(rows)), logits_for_last=logits_for_last)
 
     def last_logits(self) -> torch.Tensor:
         """The next-token logits after the last position read (a copy, float32)."""
@@ -180,11 +195,23 @@ class LlamaCppContext:
             for context in self._contexts:
                 self._api.llama_free(context)
             self._contexts = []
-            if self._model:
-                self._api.llama_model_free(self._model)
-                self._model = None
+            for model in self._models:
+                self._api.llama_model_free(model)
+            self._models = []
 
-    def _new_context(self, context_length: int, threads: int, *, flash_attention: bool):
+    def _load_model(self, path: Path):
+        api = self._api
+        params = api.llama_model_default_params()
+        params.n_gpu_layers = 0
+        model = api.llama_model_load_from_file(str(path).encode(), params)
+        if not model:
+            self.close()
+            raise ModelLoadError(f"llama.cpp could not load {path}: delete the file to have it rebuilt, "
+                                 "or use --runtime torch")
+        self._models.append(model)
+        return model
+
+    def _new_context(self, model, context_length: int, threads: int, *, flash_attention: bool):
         api = self._api
         params = api.llama_context_default_params()
         params.n_ctx = context_length
@@ -195,7 +222,7 @@ class LlamaCppContext:
         params.n_threads = threads
         params.n_threads_batch = threads
         params.no_perf = True
-        context = api.llama_init_from_model(self._model, params)
+        context = api.llama_init_from_model(model, params)
         if not context:
             self.close()
             raise ModelLoadError(f"llama.cpp could not make a {context_length}-position context: "

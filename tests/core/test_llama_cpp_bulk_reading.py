@@ -176,6 +176,36 @@ def test_text_read_as_its_token_table_rows_answers_as_token_ids_do(tiny_checkpoi
         by_parts.close()
 
 
+@pytest.fixture(scope="module")
+def int8_gguf(tiny_checkpoint: Path, gguf: Path) -> Path:
+    """Quantized from the F16 file beside it, which stays (the photo reader's weights)."""
+    return language_model_gguf(tiny_checkpoint, read_checkpoint_config(tiny_checkpoint),
+                               precision=GGUF_PRECISIONS["int8"], cache_dir=gguf.parent)
+
+
+def test_a_photo_read_on_fp16_weights_is_decoded_on_int8_as_if_handed_over_by_a_snapshot(gguf, int8_gguf):
+    """The reader may run on other weights: the photo prompt is read on F16 (the question's rows from
+    the F16 table too, so the logits are exactly F16's), the reply decoded on Q8_0 with the KV cache
+    the F16 read left."""
+    assert gguf.is_file()
+    mixed = LlamaCppContext(int8_gguf, context_length=2048, threads=1, reader_path=gguf)
+    fp16 = LlamaCppContext(gguf, context_length=2048, threads=1)
+    int8 = LlamaCppContext(int8_gguf, context_length=2048, threads=1, bulk_positions=0)
+    try:
+        rows = photo_rows(mixed, seed=7)
+        parts = [list(range(5, 20)), rows, list(range(30, 40))]
+        mixed.read(parts, logits_for_last=True)
+        fp16.read(parts, logits_for_last=True)
+        assert torch.equal(mixed.last_logits(), fp16.last_logits())
+        assert int8.restore(fp16.snapshot())
+        int8.read_tokens([int(fp16.last_logits().argmax())], logits_for_last=True)
+        assert greedy_reply(mixed) == [int(fp16.last_logits().argmax()), *greedy_reply(int8, tokens=7)]
+        assert mixed.length == int8.length
+    finally:
+        for context in (mixed, fp16, int8):
+            context.close()
+
+
 def test_a_token_id_outside_the_vocabulary_is_refused_before_reading(contexts):
     bulk, _ = contexts
     bulk.read_tokens([5, 6], logits_for_last=True)

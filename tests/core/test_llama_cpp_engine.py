@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mipha_core import CacheKey, load_engine
+from mipha_core import CacheKey, devices, load_engine
 from mipha_core.checkpoint import read_checkpoint_config
 from mipha_core.gguf_export import GGUF_PRECISIONS, language_model_gguf, read_gguf_metadata
 from mipha_core.llama_cpp_engine import LlamaCppEngine
@@ -84,7 +84,7 @@ def test_the_engine_greedy_reply_matches_pytorch(engine, llama_engines, photo):
 def test_auto_on_a_cpu_takes_llama_cpp_int8_and_explicit_flags_win(tiny_checkpoint, gguf_dir):
     roomy = load_engine(str(tiny_checkpoint), device="cpu", data_dir=gguf_dir, free_bytes=64 * 1024**3)
     assert isinstance(roomy, LlamaCppEngine)
-    assert roomy.label.endswith("int8 · CPU (llama.cpp)")
+    assert roomy.label.endswith("int8 · CPU (llama.cpp, photos read in fp16)")
     explicit = load_engine(str(tiny_checkpoint), device="cpu", dtype="float32", data_dir=gguf_dir)
     assert not isinstance(explicit, LlamaCppEngine)
     assert explicit.label.endswith("fp32 · CPU")
@@ -95,14 +95,33 @@ MIPHA_3B = ModelSize(language_params=2_780_000_000, vision_params=412_000_000, l
 
 
 @pytest.mark.parametrize(("free_gb", "expected", "photo_reader"),
-                         [(64, "int8", True), (7, "int8", False), (6.5, "int4", True), (4.5, "int4", False),
-                          (2, "int4", False)])
-def test_auto_takes_the_fastest_faithful_precision_that_fits_mipha_3b(free_gb, expected, photo_reader):
-    """The flash-attention photo reader's KV cache is the first thing dropped when memory is short,
-    before int8 weights are."""
+                         [(64, "int8", "fp16"), (16, "int8", "fp16"), (12, "int8", "int8"), (7, "int8", None),
+                          (6.5, "int4", "int4"), (4.5, "int4", None), (2, "int4", None)])
+def test_auto_takes_the_fastest_faithful_precision_that_fits_mipha_3b(monkeypatch, free_gb, expected, photo_reader):
+    """When memory is short, the photo reader's fp16 weights go first, then its KV cache, then int8
+    weights. On a processor without native bf16 (the vision tower then takes fp32), so the figures
+    do not depend on the machine the test runs on."""
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: False)
     chosen = choose_precision(device="cpu", dtype="auto", quantization=None, runtime="auto", size=MIPHA_3B,
                               llama_cpp_problem=None, free_bytes=int(free_gb * 1024**3))
     assert (chosen.runtime, chosen.weights, chosen.photo_reader) == ("llama.cpp", expected, photo_reader)
+
+
+def test_the_page_says_when_photos_are_read_on_other_weights(monkeypatch):
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: False)
+    roomy, tight = (choose_precision(device="cpu", dtype="auto", quantization=None, runtime="auto", size=MIPHA_3B,
+                                     llama_cpp_problem=None, free_bytes=gb * 1024**3) for gb in (64, 12))
+    assert roomy.label == "int8 · CPU (llama.cpp, photos read in fp16)"
+    assert tight.label == "int8 · CPU (llama.cpp)"
+
+
+def test_photos_read_on_fp16_keep_its_file_beside_the_int8_one(tiny_checkpoint, tmp_path):
+    engine = load_engine(str(tiny_checkpoint), device="cpu", data_dir=tmp_path, free_bytes=64 * 1024**3)
+    try:
+        files = sorted(path.name.rsplit("-", 1)[-1] for path in (tmp_path / "gguf").iterdir())
+        assert files == ["F16.gguf", "Q8_0.gguf"]
+    finally:
+        engine.close()
 
 
 def test_the_gguf_file_is_built_once(tiny_checkpoint, gguf_dir):
