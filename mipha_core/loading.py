@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Literal
 
@@ -105,10 +106,15 @@ def _load_llama_cpp_engine(folder: Path, checkpoint: MiphaCheckpointConfig, *, t
     """The language model as GGUF on llama.cpp (converted once), the vision tower and projector in PyTorch."""
     if not any(folder.glob("*.safetensors")):
         raise ModelLoadError(f"{folder} has no .safetensors weights: download the model again")
-    reader = precision.photo_reader
-    # The photo reader's F16 file first: quantizing then finds it and keeps it (it removes only what it wrote).
-    reader_gguf = (language_model_gguf(folder, checkpoint, precision=GGUF_PRECISIONS[reader],
-                                       cache_dir=data_dir / "gguf") if reader else None)
+    reader_gguf = None
+    if precision.photo_reader:
+        # The photo reader's file first: quantizing then finds an F16 one and keeps it (it removes only what it wrote).
+        try:
+            reader_gguf = language_model_gguf(folder, checkpoint, precision=GGUF_PRECISIONS[precision.photo_reader],
+                                              cache_dir=data_dir / "gguf")
+        except ModelLoadError as error:
+            logger.warning("photos are read on the %s weights instead: %s", precision.weights, error)
+            precision = replace(precision, photo_reader=precision.weights)
     gguf = language_model_gguf(folder, checkpoint, precision=GGUF_PRECISIONS[precision.weights],
                                cache_dir=data_dir / "gguf")
     try:
@@ -117,7 +123,8 @@ def _load_llama_cpp_engine(folder: Path, checkpoint: MiphaCheckpointConfig, *, t
         raise ModelLoadError(f"the vision weights in {folder} could not be loaded ({error}): "
                              "download the model again") from error
     context = LlamaCppContext(gguf, context_length=checkpoint.context_length, threads=physical_cores(),
-                              bulk_positions=BULK_READ_POSITIONS if reader else 0, reader_path=reader_gguf)
+                              bulk_positions=BULK_READ_POSITIONS if precision.photo_reader else 0,
+                              reader_path=reader_gguf)
     return LlamaCppEngine(
         context=context,
         vision=vision,

@@ -124,6 +124,25 @@ def test_photos_read_on_fp16_keep_its_file_beside_the_int8_one(tiny_checkpoint, 
         engine.close()
 
 
+def test_photos_are_read_on_the_int8_weights_when_the_f16_file_cannot_be_written(tiny_checkpoint, tmp_path, photo,
+                                                                                 caplog):
+    checkpoint = read_checkpoint_config(tiny_checkpoint)
+    int8 = language_model_gguf(tiny_checkpoint, checkpoint, precision=GGUF_PRECISIONS["int8"],
+                               cache_dir=tmp_path / "gguf")
+    blocked = int8.with_name(int8.name.replace("Q8_0", "F16"))
+    blocked.mkdir()  # where the F16 file would go: writing it fails as a full or read-only disk would
+    (blocked / "taken").write_text("")
+    with caplog.at_level(logging.WARNING, logger="mipha_core.loading"):
+        engine = load_engine(str(tiny_checkpoint), device="cpu", data_dir=tmp_path, free_bytes=64 * 1024**3)
+    try:
+        assert engine.label.endswith("int8 · CPU (llama.cpp)")
+        assert "photos are read on the int8 weights instead" in caplog.text
+        reply = engine.stream([user("What is in this photo?", photo)], max_new_tokens=4, temperature=0)
+        assert reply.text() and reply.stats.completion_tokens >= 1
+    finally:
+        engine.close()
+
+
 def test_the_gguf_file_is_built_once(tiny_checkpoint, gguf_dir):
     checkpoint = read_checkpoint_config(tiny_checkpoint)
     first = language_model_gguf(tiny_checkpoint, checkpoint, precision=GGUF_PRECISIONS["int8"], cache_dir=gguf_dir)
