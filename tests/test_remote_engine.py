@@ -23,7 +23,7 @@ from playwright.sync_api import expect
 import storage as db
 from app.handlers import Handlers
 from app.model_slot import ModelSlot
-from mipha_core import RemoteEngineError, RemoteServer, StoredPhoto, load_remote_engine
+from mipha_core import RemoteEngineError, RemoteServer, StoredPhoto, load_engine, load_remote_engine
 from tests.app_process import RunningApp, free_port, running_app
 from tests.browser_support import open_app, screenshot, started_together, visitor
 
@@ -82,13 +82,22 @@ def wait_for(condition, *, timeout: float = 30.0, what: str) -> None:
 # --- the engine ---------------------------------------------------------------------------
 
 
-def test_the_remote_engine_gives_the_local_engines_greedy_reply(remote, app_tiny_engine):
-    """The front pads and resizes the photo itself: the server sees the same pixels, so the reply matches."""
-    direct = app_tiny_engine.stream(photo_question(), max_new_tokens=24, temperature=0).text()
+@pytest.fixture(scope="module")
+def server_like_engine(tmp_path_factory):
+    """The tiny model loaded in this process as the model server loads it (`auto`: llama.cpp on the CPU)."""
+    engine = load_engine("tiny", device="cpu", data_dir=tmp_path_factory.mktemp("server-like"))
+    yield engine
+    engine.close()
+
+
+def test_the_remote_engine_gives_the_local_engines_greedy_reply(remote, server_like_engine):
+    """The front pads and resizes the photo itself: the server sees the same pixels, so the reply
+    matches the one the same engine gives in this process."""
+    direct = server_like_engine.stream(photo_question(), max_new_tokens=24, temperature=0).text()
     reply = remote.stream(photo_question(), max_new_tokens=24, temperature=0)
     assert reply.text() == direct
     assert reply.stats.finish_reason == "length" and reply.stats.completion_tokens == 24
-    assert reply.stats.prompt_tokens == app_tiny_engine.prepare(photo_question(), max_new_tokens=24).prompt_tokens
+    assert reply.stats.prompt_tokens == server_like_engine.prepare(photo_question(), max_new_tokens=24).prompt_tokens
 
 
 def test_a_stored_photo_is_decoded_when_the_reply_is_read(remote):
