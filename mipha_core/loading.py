@@ -107,10 +107,10 @@ def _load_llama_cpp_engine(folder: Path, checkpoint: MiphaCheckpointConfig, *, t
     if not any(folder.glob("*.safetensors")):
         raise ModelLoadError(f"{folder} has no .safetensors weights: download the model again")
     reader_gguf = None
-    if precision.photo_reader:
+    if precision.reader_weights:
         # The photo reader's file first: quantizing then finds an F16 one and keeps it (it removes only what it wrote).
         try:
-            reader_gguf = language_model_gguf(folder, checkpoint, precision=GGUF_PRECISIONS[precision.photo_reader],
+            reader_gguf = language_model_gguf(folder, checkpoint, precision=GGUF_PRECISIONS[precision.reader_weights],
                                               cache_dir=data_dir / "gguf")
         except ModelLoadError as error:
             logger.warning("photos are read on the %s weights instead: %s", precision.weights, error)

@@ -85,12 +85,17 @@ class Precision:
     Given up, fp16 first, before the weights' precision is."""
 
     @property
+    def reader_weights(self) -> str | None:
+        """The photo reader's weights where they are another file than ``weights`` (e.g. "fp16"), else None."""
+        return self.photo_reader if self.photo_reader not in (None, self.weights) else None
+
+    @property
     def label(self) -> str:
         """For a person: "int8 · CPU (llama.cpp)", "bf16 · CUDA"."""
         device = {"cpu": "CPU", "cuda": "CUDA", "mps": "Apple GPU"}.get(self.device.type, self.device.type)
         if self.runtime != "llama.cpp":
             return f"{self.weights} · {device}"
-        reader = f", photos read in {self.photo_reader}" if self.photo_reader not in (None, self.weights) else ""
+        reader = f", photos read in {self.reader_weights}" if self.reader_weights else ""
         return f"{self.weights} · {device} (llama.cpp{reader})"
 
     def resident_bytes(self, size: ModelSize) -> int:
@@ -98,8 +103,8 @@ class Precision:
         vision = size.vision_params * _itemsize(self.dtype)
         if self.runtime == "llama.cpp":
             language = size.language_params * _GGUF_BYTES_PER_WEIGHT[self.weights]
-            if self.photo_reader not in (None, self.weights):
-                language += size.language_params * _GGUF_BYTES_PER_WEIGHT[self.photo_reader]
+            if self.reader_weights:
+                language += size.language_params * _GGUF_BYTES_PER_WEIGHT[self.reader_weights]
             contexts = 2 if self.photo_reader else 1
             return int(language + vision + contexts * size.kv_bytes + _COMPUTE_BUFFER_BYTES)
         bits = {"8bit": 1, "4bit": 0.5}.get(self.quantization or "", _itemsize(self.dtype))
