@@ -27,6 +27,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
@@ -74,7 +75,7 @@ class _Draft:
 @dataclass(frozen=True)
 class _Saved:
     sequence: _Sequence
-    state: bytes
+    state: np.ndarray
 
 
 class LlamaCppEngine(FittedEngine):

@@ -168,17 +168,22 @@ class LlamaCppContext:
         pointer = self._api.llama_get_logits_ith(self._last_read, -1)
         return torch.from_numpy(np.ctypeslib.as_array(pointer, shape=(self.vocab_size,)).copy())
 
-    def snapshot(self) -> bytes:
-        """The sequence's state (its KV cache), to ``restore`` later in this context."""
-        self._move_to(self._decoder)
-        return bytes(self._state_of(self._decoder))
+    def snapshot(self) -> np.ndarray:
+        """The sequence's state (its KV cache, read-only bytes), to ``restore`` later in this context.
 
-    def restore(self, state: bytes) -> bool:
+        Kept as the array llama.cpp wrote it into: a copy to ``bytes`` doubled the memory for a
+        moment and, for a photo conversation's 250 MB, the time of a switch between conversations."""
+        self._move_to(self._decoder)
+        state = self._state_of(self._decoder)
+        state.flags.writeable = False
+        return state
+
+    def restore(self, state: np.ndarray) -> bool:
         """Replace the sequence with a ``snapshot``; False when llama.cpp refused it (the sequence is then empty)."""
         self._holder = self._decoder
         self._both_hold = 0
         self.truncate(0)
-        if not self._put_state(self._decoder, np.frombuffer(state, dtype=np.uint8)):
+        if not self._put_state(self._decoder, state):
             self.truncate(0)
             return False
         return True
