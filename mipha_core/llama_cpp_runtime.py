@@ -37,13 +37,20 @@ llama.cpp's CPU flash-attention kernel reads a long batch faster but decodes slo
 AVX2 EPYC (Q8_0, the bench's 771-position photo prompt, four alternating rounds) it read 21.0 tok/s
 against 19.0 without, but decoded 3.1 tok/s against 4.9 and read a 20-token question in 2.2 s
 against 1.1. So a photo is read with it and everything else without, and the sequence moves
-between the two contexts (0.45 s for 770 positions, ``llama_cpp_state``) only when the side changes.
+between the two contexts (``llama_cpp_state``) only when the side changes, and then only the
+positions the other side lacks: 0.15-0.2 s for a photo's 729 once memory for the copy was touched
+before (the first copy in a process also pays about 0.6 s of page faults), milliseconds for a reply.
 
 The reader may also run on other weights than the decoder: a batch is bound by arithmetic, where
 llama.cpp's F16 kernels (F16C and FMA) beat its Q8_0 ones, while a decoded token is bound by
 reading the weights, where Q8_0's half size wins. On the same EPYC (llama-bench, 786 positions,
 flash attention): F16 read 28.1 tok/s against Q8_0's 18.2, and decoded 3.2 tok/s against 4.8. The
 KV cache is F16 in both, so the sequence moves between the two models as between two contexts."""
+
+
+_STAGING_SEQUENCE = 1
+"""A second sequence id, held only for the moment a range of positions is copied between contexts:
+llama.cpp saves and restores whole sequences, so the range is first made a sequence of its own."""
 
 
 class DecodeAbortedError(MiphaError):
@@ -222,7 +229,8 @@ class LlamaCppContext:
         params.n_ctx = context_length
         params.n_batch = BATCH_TOKENS
         params.n_ubatch = MICRO_BATCH_TOKENS
-        params.n_seq_max = 1
+        params.n_seq_max = 2  # the conversation, and _STAGING_SEQUENCE
+        params.kv_unified = True  # one cell pool, so the staging sequence shares cells instead of copying them
         params.flash_attn_type = int(flash_attention)
         params.n_threads = threads
         params.n_threads_batch = threads
@@ -243,13 +251,17 @@ class LlamaCppContext:
         return self._holder
 
     def _move_to(self, context) -> None:
-        """Make ``context`` hold the sequence: cut back what it holds beyond the shared prefix, or
-        copy the whole state over when it lacks some (its V layout flipped)."""
+        """Make ``context`` hold the sequence: cut back what it holds beyond the shared prefix, then
+        copy over only the positions it lacks (their V layout flipped).
+
+        After a photo that is the whole photo prompt; after a reply, only the reply's positions, so
+        a question read on the other side costs milliseconds to move, not a quarter of a second."""
         if context == self._holder:
             return
-        length = self.length
-        if self._both_hold < length:
-            state = self._state_of(self._holder)
+        length, shared = self.length, self._both_hold
+        self._api.llama_memory_seq_rm(self._api.llama_get_memory(context), 0, shared, -1)
+        if shared < length:
+            state = self._suffix_state(self._holder, shared)
             try:
                 flip_value_layout(state)
             except StateLayoutError:
@@ -257,27 +269,46 @@ class LlamaCppContext:
                                "flash attention from now on", exc_info=True)
                 self._reader = None
                 return
-            if not self._put_state(context, state):
+            if not self._append_state(context, state):
+                self._api.llama_memory_seq_rm(self._api.llama_get_memory(context), 0, shared, -1)
                 raise MiphaError("llama.cpp could not move the conversation between its contexts: "
                                  "start a new chat, or restart with --runtime torch")
-        else:
-            self._api.llama_memory_seq_rm(self._api.llama_get_memory(context), 0, length, -1)
         self._holder = context
         self._both_hold = length
+
+    def _suffix_state(self, context, start: int) -> np.ndarray:
+        """The state of the sequence's positions from ``start`` on, through the staging sequence."""
+        memory = self._api.llama_get_memory(context)
+        self._api.llama_memory_seq_cp(memory, 0, _STAGING_SEQUENCE, start, -1)
+        try:
+            return self._state_of(context, sequence=_STAGING_SEQUENCE)
+        finally:
+            self._api.llama_memory_seq_rm(memory, _STAGING_SEQUENCE, -1, -1)
+
+    def _append_state(self, context, state: np.ndarray) -> bool:
+        """Add the positions in ``state`` (a ``_suffix_state``) to the sequence in ``context``."""
+        memory = self._api.llama_get_memory(context)
+        try:
+            if not self._put_state(context, state, sequence=_STAGING_SEQUENCE):
+                return False
+            self._api.llama_memory_seq_cp(memory, _STAGING_SEQUENCE, 0, -1, -1)
+            return True
+        finally:
+            self._api.llama_memory_seq_rm(memory, _STAGING_SEQUENCE, -1, -1)
 
     def _length(self, context) -> int:
         return int(self._api.llama_memory_seq_pos_max(self._api.llama_get_memory(context), 0)) + 1
 
-    def _state_of(self, context) -> np.ndarray:
-        size = self._api.llama_state_seq_get_size(context, 0)
+    def _state_of(self, context, *, sequence: int = 0) -> np.ndarray:
+        size = self._api.llama_state_seq_get_size(context, sequence)
         state = np.empty(size, dtype=np.uint8)
         written = self._api.llama_state_seq_get_data(context, state.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)),
-                                                     size, 0)
+                                                     size, sequence)
         return state[:written]
 
-    def _put_state(self, context, state: np.ndarray) -> bool:
+    def _put_state(self, context, state: np.ndarray, *, sequence: int = 0) -> bool:
         pointer = state.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))
-        return self._api.llama_state_seq_set_data(context, pointer, len(state), 0) != 0
+        return self._api.llama_state_seq_set_data(context, pointer, len(state), sequence) != 0
 
     def _decode(self, context, *, tokens: np.ndarray | None, embeddings: np.ndarray | None,
                 logits_for_last: bool) -> None:

@@ -122,6 +122,31 @@ def test_stop_during_the_photo_keeps_what_was_read_before_it(contexts):
     assert bulk.length == 15 + PHOTO_POSITIONS
 
 
+def test_only_the_positions_the_other_side_lacks_move(contexts, monkeypatch):
+    """Each side keeps what it read: after a reply only the reply's positions go to the reader, and
+    after the reader's long read only that read comes back, with the same logits as one context."""
+    bulk, single = contexts
+    moved = []
+    suffix_state = bulk._suffix_state
+
+    def recording(context, start):
+        state = suffix_state(context, start)
+        moved.append(int(state[12:16].view(np.uint32)[0]))
+        return state
+
+    monkeypatch.setattr(bulk, "_suffix_state", recording)
+    for context in contexts:
+        read_photo_prompt(context, photo_rows(context, seed=3))
+    assert greedy_reply(bulk) == greedy_reply(single)
+    more = photo_rows(bulk, seed=4)[:300]
+    for context in contexts:
+        context.read_embeddings(more, logits_for_last=False)
+        context.read_tokens([41, 42], logits_for_last=True)
+    assert moved == [15, PHOTO_POSITIONS, 10 + 8, 300]
+    assert_same_logits(bulk.last_logits(), single.last_logits())
+    assert greedy_reply(bulk) == greedy_reply(single)
+
+
 def test_flipping_the_value_layout_twice_gives_the_state_back(contexts):
     _, single = contexts
     read_photo_prompt(single, photo_rows(single))

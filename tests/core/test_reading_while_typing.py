@@ -60,9 +60,12 @@ def test_send_after_a_draft_reads_only_the_rest_and_answers_as_a_fresh_read(llam
 
 
 def test_a_follow_up_typed_after_a_reply_is_read_as_it_is_typed(llama, photo):
-    key = CacheKey("ann", "follow")
+    """Answered as the same follow-up sent at once: the earlier reply's positions were read on the
+    int8 decoder in both, where a fresh read reads them on the photo reader's fp16 weights."""
+    key, at_once = CacheKey("ann", "follow"), CacheKey("ann", "follow at once")
     turn = [user("What is in this photo?", photo)]
     answer = llama.stream(turn, max_new_tokens=6, temperature=0, cache=key).text()
+    assert llama.stream(turn, max_new_tokens=6, temperature=0, cache=at_once).text() == answer
     typing = [*turn, assistant(answer), user("And what colour is")]
     draft = llama.fitter.prepare_draft(typing, max_new_tokens=6).token_ids
     llama.prefetch(typing, max_new_tokens=6, cache=key)
@@ -72,7 +75,7 @@ def test_a_follow_up_typed_after_a_reply_is_read_as_it_is_typed(llama, photo):
     text = reply.text()
     assert reply.stats.reused_tokens == len(draft)
     assert reply.stats.prompt_tokens - reply.stats.reused_tokens <= 8  # " the sky?" and " ASSISTANT:"
-    assert text == llama.stream(sent, max_new_tokens=6, temperature=0).text()
+    assert text == llama.stream(sent, max_new_tokens=6, temperature=0, cache=at_once).text()
 
 
 def test_a_new_chats_draft_is_taken_over_by_the_conversation_its_send_creates_and_by_no_one_else(llama, photo):
