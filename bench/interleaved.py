@@ -1,6 +1,6 @@
 """Prompt reading and decoding, ours against llama.cpp's, one repetition of each in turn.
 
-    python -m bench.interleaved                     # int8 (Q8_0), photos read on F16, 3 rounds
+    python -m bench.interleaved                     # int8 (Q8_0), photos read as auto picks, 3 rounds
     python -m bench.interleaved --precision int4 --reader int4 --rounds 5
 
 This project's VM drifts by 10-30% within minutes, so a benchmark that measures ours and then
@@ -8,10 +8,10 @@ llama.cpp cannot tell a 5% gap from the drift. Here each round reads a photo-sha
 positions with the engine's ``LlamaCppContext`` as the engine does (one batch of embeddings in its
 flash-attention photo reader, on the ``--reader`` weights: the text's rows of the token table
 around the 729 image features), then runs ``llama-bench -p 771 -n 0 -r 1`` at its default
-(flash attention auto) on the ``--precision`` GGUF file, and on the F16 one for reference (the
-weights our reader reads on by default). Then ours decodes 32 tokens after that prompt as a greedy
-reply does (the move to the decoder, logits, the sampler, the token read back) against
-``llama-bench -p 0 -n 32 -d 771`` with flash attention off and auto. The vision tower is not run:
+(flash attention auto) on the ``--precision`` GGUF file, and on the 16-bit one auto reads photos
+on here for reference (BF16 where the CPU has native bf16, else F16). Then ours decodes 32 tokens
+after that prompt as a greedy reply does (the move to the decoder, logits, the sampler, the token
+read back) against ``llama-bench -p 0 -n 32 -d 771`` with flash attention off and auto. The vision tower is not run:
 the comparison adds our vision time to both sides. Needs the llama.cpp build cached by ``python -m
 bench.llama_cpp``. Prints every round and the medians; writes JSON to bench/results/.
 """
@@ -35,6 +35,7 @@ from mipha_core.checkpoint import read_checkpoint_config
 from mipha_core.generation import GenerationParams, TokenSampler
 from mipha_core.gguf_export import GGUF_PRECISIONS, language_model_gguf
 from mipha_core.llama_cpp_runtime import BULK_READ_POSITIONS, LlamaCppContext, physical_cores
+from mipha_core.precision import photo_reader_weights
 
 IMAGE_POSITIONS = 729
 TEXT_BEFORE, TEXT_AFTER = 32, 10
@@ -72,15 +73,16 @@ def llama_bench(tool: str, gguf: Path, *, threads: int, flash_attention: str, de
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--precision", choices=["int8", "int4"], default="int8")
-    parser.add_argument("--reader", choices=["fp16", "int8", "int4", "none"], default="fp16",
-                        help="the weights photos are read on (auto's first choice: fp16); none: no photo reader")
+    parser.add_argument("--reader", choices=["bf16", "fp16", "int8", "int4", "none"], default=photo_reader_weights(),
+                        help="the weights photos are read on (default: auto's first choice here); none: no photo reader")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
+    sixteen_bit = photo_reader_weights()
     checkpoint = build_checkpoint(CHECKPOINT)
     config = read_checkpoint_config(checkpoint)
     ggufs = {precision: language_model_gguf(checkpoint, config, precision=GGUF_PRECISIONS[precision],
                                             cache_dir=HERE / ".cache" / "data" / "gguf")
-             for precision in ("fp16", args.precision, args.reader) if precision != "none"}
+             for precision in (sixteen_bit, args.precision, args.reader) if precision != "none"}
     gguf = ggufs[args.precision]
     tool = str(existing_llama_cpp().tool("llama-bench"))
     threads = physical_cores()
@@ -93,13 +95,14 @@ def main() -> None:
     for index in range(args.rounds):
         sample = {"ours": ours(context, features), "ours_decode": ours_decode(context),
                   "llama_cpp_fa_auto": llama_bench(tool, gguf, threads=threads, flash_attention="auto"),
-                  "llama_cpp_f16_fa_auto": llama_bench(tool, ggufs["fp16"], threads=threads, flash_attention="auto")}
+                  "llama_cpp_16bit_fa_auto": llama_bench(tool, ggufs[sixteen_bit], threads=threads,
+                                                         flash_attention="auto")}
         for flash_attention in ("off", "auto"):
             sample[f"llama_cpp_decode_fa_{flash_attention}"] = llama_bench(
                 tool, gguf, threads=threads, flash_attention="0" if flash_attention == "off" else "auto", decode=True)
         rounds.append(sample)
         print(f"round {index + 1}: prompt ours {sample['ours']:.2f}, llama.cpp {sample['llama_cpp_fa_auto']:.2f} "
-              f"(F16 {sample['llama_cpp_f16_fa_auto']:.2f}); decode ours {sample['ours_decode']:.2f}, "
+              f"({sixteen_bit} {sample['llama_cpp_16bit_fa_auto']:.2f}); decode ours {sample['ours_decode']:.2f}, "
               f"llama.cpp fa off {sample['llama_cpp_decode_fa_off']:.2f} / auto "
               f"{sample['llama_cpp_decode_fa_auto']:.2f} tok/s", flush=True)
     context.close()
@@ -116,8 +119,8 @@ def main() -> None:
     path.write_text(json.dumps(report, indent=2))
     print(f"{report['machine']['cpu']}; flags {' '.join(report['machine']['cpu_flags'])}; {threads} threads; "
           f"memory read bandwidth {report['bandwidth_bytes_per_second'] / 1e9:.1f} GB/s")
-    print(f"prompt medians: ours {medians['ours']:.2f}, llama.cpp {medians['llama_cpp_fa_auto']:.2f} (F16 "
-          f"{medians['llama_cpp_f16_fa_auto']:.2f}) tok/s; ours / llama.cpp per round: "
+    print(f"prompt medians: ours {medians['ours']:.2f}, llama.cpp {medians['llama_cpp_fa_auto']:.2f} ({sixteen_bit} "
+          f"{medians['llama_cpp_16bit_fa_auto']:.2f}) tok/s; ours / llama.cpp per round: "
           + ", ".join(f"{ratio:.2f}" for ratio in ratios["prompt"]))
     print(f"decode medians: ours {medians['ours_decode']:.2f}, llama.cpp fa off "
           f"{medians['llama_cpp_decode_fa_off']:.2f}, fa auto {medians['llama_cpp_decode_fa_auto']:.2f} tok/s; "

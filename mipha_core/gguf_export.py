@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from safetensors import safe_open
 
 from mipha_core.checkpoint import MiphaCheckpointConfig
@@ -35,9 +36,9 @@ class GgufPrecision:
     """How the language model's weights are stored for llama.cpp."""
 
     name: str
-    """What a person reads: "int8", "int4" or "fp16"."""
+    """What a person reads: "int8", "int4", "fp16" or "bf16"."""
     file_type: str
-    """llama.cpp's name for it: Q8_0, Q4_K_M or F16."""
+    """llama.cpp's name for it: Q8_0, Q4_K_M, F16 or BF16."""
     llama_ftype: int
     """``llama_ftype`` in llama.h."""
     bits_per_weight: float
@@ -48,7 +49,10 @@ GGUF_PRECISIONS = {
     "int8": GgufPrecision("int8", "Q8_0", 7, 8.5),
     "int4": GgufPrecision("int4", "Q4_K_M", 15, 4.9),
     "fp16": GgufPrecision("fp16", "F16", 1, 16.0),
+    "bf16": GgufPrecision("bf16", "BF16", 32, 16.0),
 }
+_UNQUANTIZED = ("F16", "BF16")
+"""Written straight from the checkpoint; the others are quantized from the F16 file by llama.cpp."""
 
 _TENSOR_NAMES: tuple[tuple[str, str], ...] = (
     (r"^model\.embed_tokens\.weight$", "token_embd.weight"),
@@ -85,20 +89,24 @@ def language_model_gguf(folder: Path, checkpoint: MiphaCheckpointConfig, *, prec
         return target
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
+        if precision.file_type in _UNQUANTIZED:
+            logger.info("writing the language model of %s as GGUF (%s), once", folder, target.name)
+            _atomically(target, lambda partial: write_unquantized_gguf(folder, checkpoint, partial, precision))
+            return target
         f16 = target.with_name(target.name.replace(precision.file_type, GGUF_PRECISIONS["fp16"].file_type))
         wrote_f16 = not f16.is_file()
         if wrote_f16:
             logger.info("writing the language model of %s as GGUF (%s), once", folder, f16.name)
-            _atomically(f16, lambda partial: write_f16_gguf(folder, checkpoint, partial))
-        if precision.file_type != "F16":
-            logger.info("quantizing the language model to %s with llama.cpp, once", precision.file_type)
-            _atomically(target, lambda partial: quantize_gguf(f16, partial, precision))
-            if wrote_f16:  # one that was there is in use: the fp16 weights, or a photo reader's
-                f16.unlink()
+            _atomically(f16, lambda partial: write_unquantized_gguf(folder, checkpoint, partial,
+                                                                    GGUF_PRECISIONS["fp16"]))
+        logger.info("quantizing the language model to %s with llama.cpp, once", precision.file_type)
+        _atomically(target, lambda partial: quantize_gguf(f16, partial, precision))
+        if wrote_f16:  # one that was there is in use: the fp16 weights, or a photo reader's
+            f16.unlink()
     except OSError as error:
         raise ModelLoadError(
             f"could not write the llama.cpp copy of the model under {cache_dir} ({error.strerror or error}): "
-            "free disk space (about 9 GB for Mipha-3B), use --data-dir with a writable folder, or --runtime torch"
+            "free disk space (up to 14 GB for Mipha-3B while converting), use --data-dir with a writable folder, or --runtime torch"
         ) from error
     return target
 
@@ -113,8 +121,10 @@ def checkpoint_fingerprint(folder: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def write_f16_gguf(folder: Path, checkpoint: MiphaCheckpointConfig, path: Path) -> None:
-    """Write the language model as a phi2 GGUF: 2-D weights in F16, norms and biases in F32."""
+def write_unquantized_gguf(folder: Path, checkpoint: MiphaCheckpointConfig, path: Path,
+                           precision: GgufPrecision) -> None:
+    """Write the language model as a phi2 GGUF: 2-D weights in ``precision`` (F16 or BF16), norms
+    and biases in F32. BF16 keeps a bf16 checkpoint's weights exactly; F16 rounds them."""
     import gguf
 
     text = checkpoint.llava.text_config
@@ -131,18 +141,20 @@ def write_f16_gguf(folder: Path, checkpoint: MiphaCheckpointConfig, path: Path) 
     head_dim = text.hidden_size // text.num_attention_heads
     writer.add_rope_dimension_count(int(head_dim * rope.get("partial_rotary_factor", 1.0)))
     writer.add_rope_freq_base(float(rope["rope_theta"]))
-    writer.add_file_type(GGUF_PRECISIONS["fp16"].llama_ftype)
+    writer.add_file_type(precision.llama_ftype)
     _add_vocabulary(writer, folder, vocab_size=text.vocab_size)
+    bf16 = precision.file_type == "BF16"
     weights = list(_language_weights(folder))
     for weight in weights:
-        writer.add_tensor_info(weight.name, weight.shape, weight.dtype, weight.nbytes)
+        raw = gguf.GGMLQuantizationType.BF16 if bf16 and weight.matrix else None
+        writer.add_tensor_info(weight.name, weight.shape, weight.dtype(bf16=bf16), weight.nbytes, raw_dtype=raw)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
     for weight in weights:
         with safe_open(str(weight.file), framework="pt") as file:
             tensor = file.get_tensor(weight.original)
-        writer.write_tensor_data(tensor.float().numpy().astype(weight.dtype, copy=False))
+        writer.write_tensor_data(weight.stored(tensor, bf16=bf16))
         del tensor
     writer.close()
 
@@ -196,12 +208,23 @@ class _Weight:
     """PyTorch's order; the writer stores it reversed, as ggml counts dimensions."""
 
     @property
-    def dtype(self) -> np.dtype:
-        return np.dtype(np.float16 if len(self.shape) == 2 else np.float32)
+    def matrix(self) -> bool:
+        return len(self.shape) == 2
+
+    def dtype(self, *, bf16: bool) -> np.dtype:
+        """How numpy holds it: F32 for vectors; a matrix's bf16 bits as uint16, since numpy has no bfloat16."""
+        if not self.matrix:
+            return np.dtype(np.float32)
+        return np.dtype(np.uint16 if bf16 else np.float16)
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape)) * self.dtype.itemsize
+        return int(np.prod(self.shape)) * (2 if self.matrix else 4)
+
+    def stored(self, tensor: torch.Tensor, *, bf16: bool) -> np.ndarray:
+        if bf16 and self.matrix:
+            return tensor.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+        return tensor.float().numpy().astype(self.dtype(bf16=bf16), copy=False)
 
 
 def _language_weights(folder: Path) -> Iterator[_Weight]:

@@ -108,7 +108,7 @@ def _load_llama_cpp_engine(folder: Path, checkpoint: MiphaCheckpointConfig, *, t
         raise ModelLoadError(f"{folder} has no .safetensors weights: download the model again")
     reader_gguf = None
     if precision.reader_weights:
-        # The photo reader's file first: quantizing then finds an F16 one and keeps it (it removes only what it wrote).
+        # The photo reader's file first: an F16 one is then found by quantizing and kept (it removes only what it wrote).
         try:
             reader_gguf = language_model_gguf(folder, checkpoint, precision=GGUF_PRECISIONS[precision.reader_weights],
                                               cache_dir=data_dir / "gguf")

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import expect
 
+from mipha_core.precision import photo_reader_weights
 from tests import browser_support as support
 from tests.browser_support import WINDOW_SIZES, WindowSize, notice, poll
 
@@ -124,12 +125,13 @@ def test_a_non_image_upload_shows_a_notice(app_server, visitor, app_screenshot, 
 @pytest.mark.parametrize("size", WINDOW_SIZES)
 def test_the_ready_page_says_which_model_runs_and_in_what_precision(app_server, app_browser, size: WindowSize):
     """Once the model is ready, a muted line under the composer names it and its precision (the tiny
-    app runs llama.cpp in int8 on the CPU, reading photos on fp16 weights), on screen and accessible in both
-    themes."""
+    app runs llama.cpp in int8 on the CPU, reading photos on the 16-bit weights this processor is fastest
+    on), on screen and accessible in both themes."""
     with support.visitor(app_browser, size, color_scheme="light") as context:
         page = support.open_app(context, app_server)
         line = page.locator("#model-runs-on .runs-on")
-        expect(line).to_have_text("Model: tiny demo model · int8 · CPU (llama.cpp, photos read in fp16)",
+        reader = photo_reader_weights()
+        expect(line).to_have_text(f"Model: tiny demo model · int8 · CPU (llama.cpp, photos read in {reader})",
                                   timeout=120_000)
         expect(page.locator("#model-status")).to_be_hidden()  # the loading banner is gone
         support.assert_on_screen(page, "#model-runs-on .runs-on")

@@ -15,6 +15,7 @@ from mipha_core.errors import MiphaError
 from mipha_core.gguf_export import GGUF_PRECISIONS, language_model_gguf
 from mipha_core.llama_cpp_runtime import DecodeAbortedError, LlamaCppContext
 from mipha_core.llama_cpp_state import StateLayoutError, flip_value_layout, values_transposed
+from mipha_core.tiny import write_tiny_checkpoint
 
 PHOTO_POSITIONS = 729
 
@@ -208,27 +209,54 @@ def int8_gguf(tiny_checkpoint: Path, gguf: Path) -> Path:
                                precision=GGUF_PRECISIONS["int8"], cache_dir=gguf.parent)
 
 
-def test_a_photo_read_on_fp16_weights_is_decoded_on_int8_as_if_handed_over_by_a_snapshot(gguf, int8_gguf):
-    """The reader may run on other weights: the photo prompt is read on F16 (the question's rows from
-    the F16 table too, so the logits are exactly F16's), the reply decoded on Q8_0 with the KV cache
-    the F16 read left."""
-    assert gguf.is_file()
-    mixed = LlamaCppContext(int8_gguf, context_length=2048, threads=1, reader_path=gguf)
-    fp16 = LlamaCppContext(gguf, context_length=2048, threads=1)
+@pytest.fixture(scope="module")
+def bf16_gguf(tiny_checkpoint: Path, gguf: Path) -> Path:
+    return language_model_gguf(tiny_checkpoint, read_checkpoint_config(tiny_checkpoint),
+                               precision=GGUF_PRECISIONS["bf16"], cache_dir=gguf.parent)
+
+
+@pytest.mark.parametrize("reader", ["fp16", "bf16"])
+def test_a_photo_read_on_16_bit_weights_is_decoded_on_int8_as_if_handed_over_by_a_snapshot(gguf, bf16_gguf,
+                                                                                           int8_gguf, reader):
+    """The reader may run on other weights: the photo prompt is read on F16 or BF16 (the question's
+    rows from that file's table too, so the logits are exactly its own), the reply decoded on Q8_0
+    with the KV cache that read left."""
+    reader_gguf = {"fp16": gguf, "bf16": bf16_gguf}[reader]
+    mixed = LlamaCppContext(int8_gguf, context_length=2048, threads=1, reader_path=reader_gguf)
+    alone = LlamaCppContext(reader_gguf, context_length=2048, threads=1)
     int8 = LlamaCppContext(int8_gguf, context_length=2048, threads=1, bulk_positions=0)
     try:
         rows = photo_rows(mixed, seed=7)
         parts = [list(range(5, 20)), rows, list(range(30, 40))]
         mixed.read(parts, logits_for_last=True)
-        fp16.read(parts, logits_for_last=True)
-        assert torch.equal(mixed.last_logits(), fp16.last_logits())
-        assert int8.restore(fp16.snapshot())
-        int8.read_tokens([int(fp16.last_logits().argmax())], logits_for_last=True)
-        assert greedy_reply(mixed) == [int(fp16.last_logits().argmax()), *greedy_reply(int8, tokens=7)]
+        alone.read(parts, logits_for_last=True)
+        assert torch.equal(mixed.last_logits(), alone.last_logits())
+        assert int8.restore(alone.snapshot())
+        int8.read_tokens([int(alone.last_logits().argmax())], logits_for_last=True)
+        assert greedy_reply(mixed) == [int(alone.last_logits().argmax()), *greedy_reply(int8, tokens=7)]
         assert mixed.length == int8.length
     finally:
-        for context in (mixed, fp16, int8):
+        for context in (mixed, alone, int8):
             context.close()
+
+
+def test_the_bf16_file_holds_a_bf16_checkpoints_weights_exactly(tmp_path):
+    """Written from the checkpoint, not through F16, whose narrower range and rounding would change them."""
+    import gguf as gguf_py
+    from safetensors import safe_open
+
+    checkpoint = write_tiny_checkpoint(tmp_path / "bf16-checkpoint", dtype=torch.bfloat16, seed=3)
+    path = language_model_gguf(checkpoint, read_checkpoint_config(checkpoint), precision=GGUF_PRECISIONS["bf16"],
+                               cache_dir=tmp_path / "gguf")
+    tensors = {tensor.name: tensor for tensor in gguf_py.GGUFReader(path).tensors}
+    up = tensors["blk.0.ffn_up.weight"]
+    assert up.tensor_type == gguf_py.GGMLQuantizationType.BF16
+    (weights,) = checkpoint.glob("*.safetensors")
+    with safe_open(str(weights), framework="pt") as file:
+        original = file.get_tensor("model.layers.0.mlp.fc1.weight")
+    stored = torch.from_numpy(np.asarray(up.data).view(np.int16).copy()).view(torch.bfloat16)
+    assert torch.equal(stored.reshape(original.shape), original)
+    assert [file.name.rsplit("-", 1)[-1] for file in path.parent.iterdir()] == ["BF16.gguf"]
 
 
 def test_a_token_id_outside_the_vocabulary_is_refused_before_reading(contexts):

@@ -12,12 +12,12 @@ import pytest
 import torch
 from PIL import Image
 
-from mipha_core import CacheKey, devices, load_engine
+from mipha_core import CacheKey, devices, load_engine, loading
 from mipha_core.checkpoint import read_checkpoint_config
 from mipha_core.gguf_export import GGUF_PRECISIONS, language_model_gguf, read_gguf_metadata
 from mipha_core.llama_cpp_engine import LlamaCppEngine
 from mipha_core.llama_cpp_runtime import DecodeAbortedError, LlamaCppContext
-from mipha_core.precision import ModelSize, choose_precision
+from mipha_core.precision import ModelSize, choose_precision, photo_reader_weights
 from mipha_core.vision import VisionCancelledError
 from tests.core.conftest import assistant, user
 
@@ -84,7 +84,7 @@ def test_the_engine_greedy_reply_matches_pytorch(engine, llama_engines, photo):
 def test_auto_on_a_cpu_takes_llama_cpp_int8_and_explicit_flags_win(tiny_checkpoint, gguf_dir):
     roomy = load_engine(str(tiny_checkpoint), device="cpu", data_dir=gguf_dir, free_bytes=64 * 1024**3)
     assert isinstance(roomy, LlamaCppEngine)
-    assert roomy.label.endswith("int8 · CPU (llama.cpp, photos read in fp16)")
+    assert roomy.label.endswith(f"int8 · CPU (llama.cpp, photos read in {photo_reader_weights()})")
     explicit = load_engine(str(tiny_checkpoint), device="cpu", dtype="float32", data_dir=gguf_dir)
     assert not isinstance(explicit, LlamaCppEngine)
     assert explicit.label.endswith("fp32 · CPU")
@@ -98,7 +98,7 @@ MIPHA_3B = ModelSize(language_params=2_780_000_000, vision_params=412_000_000, l
                          [(64, "int8", "fp16"), (16, "int8", "fp16"), (12, "int8", "int8"), (7, "int8", None),
                           (6.5, "int4", "int4"), (4.5, "int4", None), (2, "int4", None)])
 def test_auto_takes_the_fastest_faithful_precision_that_fits_mipha_3b(monkeypatch, free_gb, expected, photo_reader):
-    """When memory is short, the photo reader's fp16 weights go first, then its KV cache, then int8
+    """When memory is short, the photo reader's 16-bit weights go first, then its KV cache, then int8
     weights. On a processor without native bf16 (the vision tower then takes fp32), so the figures
     do not depend on the machine the test runs on."""
     monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: False)
@@ -107,29 +107,37 @@ def test_auto_takes_the_fastest_faithful_precision_that_fits_mipha_3b(monkeypatc
     assert (chosen.runtime, chosen.weights, chosen.photo_reader) == ("llama.cpp", expected, photo_reader)
 
 
-def test_the_page_says_when_photos_are_read_on_other_weights(monkeypatch):
-    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: False)
+@pytest.mark.parametrize(("native_bf16", "reader"), [(False, "fp16"), (True, "bf16")])
+def test_the_page_says_when_photos_are_read_on_other_weights(monkeypatch, native_bf16, reader):
+    """Photos are read on the 16-bit format the processor multiplies fastest: bf16 where it has it natively."""
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: native_bf16)
     roomy, tight = (choose_precision(device="cpu", dtype="auto", quantization=None, runtime="auto", size=MIPHA_3B,
                                      llama_cpp_problem=None, free_bytes=gb * 1024**3) for gb in (64, 12))
-    assert roomy.label == "int8 · CPU (llama.cpp, photos read in fp16)"
+    assert roomy.label == f"int8 · CPU (llama.cpp, photos read in {reader})"
     assert tight.label == "int8 · CPU (llama.cpp)"
 
 
-def test_photos_read_on_fp16_keep_its_file_beside_the_int8_one(tiny_checkpoint, tmp_path):
+@pytest.mark.parametrize(("native_bf16", "reader", "reader_file"), [(False, "fp16", "F16"), (True, "bf16", "BF16")])
+def test_photos_read_on_16_bit_weights_keep_that_file_beside_the_int8_one(tiny_checkpoint, tmp_path, monkeypatch,
+                                                                          native_bf16, reader, reader_file):
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: native_bf16)
     engine = load_engine(str(tiny_checkpoint), device="cpu", data_dir=tmp_path, free_bytes=64 * 1024**3)
     try:
         files = sorted(path.name.rsplit("-", 1)[-1] for path in (tmp_path / "gguf").iterdir())
-        assert files == ["F16.gguf", "Q8_0.gguf"]
+        assert files == sorted([f"{reader_file}.gguf", "Q8_0.gguf"])
+        assert engine.label.endswith(f"photos read in {reader})")
     finally:
         engine.close()
 
 
-def test_photos_are_read_on_the_int8_weights_when_the_f16_file_cannot_be_written(tiny_checkpoint, tmp_path, photo,
-                                                                                 caplog):
+@pytest.mark.parametrize(("native_bf16", "reader_file"), [(False, "F16"), (True, "BF16")])
+def test_photos_are_read_on_the_int8_weights_when_the_16_bit_file_cannot_be_written(
+        tiny_checkpoint, tmp_path, photo, caplog, monkeypatch, native_bf16, reader_file):
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: native_bf16)
     checkpoint = read_checkpoint_config(tiny_checkpoint)
     int8 = language_model_gguf(tiny_checkpoint, checkpoint, precision=GGUF_PRECISIONS["int8"],
                                cache_dir=tmp_path / "gguf")
-    blocked = int8.with_name(int8.name.replace("Q8_0", "F16"))
+    blocked = int8.with_name(int8.name.replace("Q8_0", reader_file))
     blocked.mkdir()  # where the F16 file would go: writing it fails as a full or read-only disk would
     (blocked / "taken").write_text("")
     with caplog.at_level(logging.WARNING, logger="mipha_core.loading"):
@@ -284,7 +292,10 @@ def test_stop_ends_the_photo_encoding_between_layers(llama_engines, photo):
     assert engine.vision(pixels).shape == (engine.image_tokens, engine.context.hidden_size)
 
 
-def test_after_a_finished_reply_the_next_turns_opening_is_read_ahead(tiny_checkpoint, gguf_dir, photo):
+def test_after_a_finished_reply_the_next_turns_opening_is_read_ahead(tiny_checkpoint, gguf_dir, photo, monkeypatch):
+    # everything read on the int8 weights: a fresh read would otherwise read the earlier reply on the
+    # photo reader's 16-bit weights, which the conversation decoded on int8
+    monkeypatch.setattr(loading, "BULK_READ_POSITIONS", 0)
     engine = load_engine(str(tiny_checkpoint), device="cpu", quantization="8bit", runtime="llama.cpp",
                          data_dir=gguf_dir)
     ordinary = list(engine.suppressed_ids)
