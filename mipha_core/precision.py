@@ -22,6 +22,7 @@ from safetensors import SafetensorError, safe_open
 from mipha_core import devices
 from mipha_core.devices import choose_device, choose_dtype
 from mipha_core.errors import ModelLoadError
+from mipha_core.llama_cpp_runtime import PREPARED_MOVE_POSITIONS
 
 logger = logging.getLogger(__name__)
 
@@ -107,8 +108,10 @@ class Precision:
             language = size.language_params * _GGUF_BYTES_PER_WEIGHT[self.weights]
             if self.reader_weights:
                 language += size.language_params * _GGUF_BYTES_PER_WEIGHT[self.reader_weights]
-            contexts = 2 if self.photo_reader else 1
-            return int(language + vision + contexts * size.kv_bytes + _COMPUTE_BUFFER_BYTES)
+            kv = size.kv_bytes
+            if self.photo_reader:  # its own KV cache, and the buffer moves between the two reuse
+                kv += size.kv_bytes + size.kv_bytes // max(size.context_length, 1) * PREPARED_MOVE_POSITIONS
+            return int(language + vision + kv + _COMPUTE_BUFFER_BYTES)
         bits = {"8bit": 1, "4bit": 0.5}.get(self.quantization or "", _itemsize(self.dtype))
         return int(size.language_params * bits + vision + size.kv_bytes)
 
