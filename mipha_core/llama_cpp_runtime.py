@@ -38,8 +38,8 @@ AVX2 EPYC (Q8_0, the bench's 771-position photo prompt, four alternating rounds)
 against 19.0 without, but decoded 3.1 tok/s against 4.9 and read a 20-token question in 2.2 s
 against 1.1. So a photo is read with it and everything else without, and the sequence moves
 between the two contexts (``llama_cpp_state``) only when the side changes, and then only the
-positions the other side lacks: 0.15-0.2 s for a photo's 729 once memory for the copy was touched
-before (the first copy in a process also pays about 0.6 s of page faults), milliseconds for a reply.
+positions the other side lacks, through one buffer made ready at load: 0.15-0.2 s for a photo's
+729, milliseconds for a reply.
 
 The reader may also run on other weights than the decoder: a batch is bound by arithmetic, where
 llama.cpp's F16 kernels (F16C and FMA) beat its Q8_0 ones, while a decoded token is bound by
