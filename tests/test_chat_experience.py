@@ -145,8 +145,12 @@ def as_visitor(browser: Browser, conversation: Conversation, size: WindowSize, *
 def test_a_reload_mid_reply_picks_the_reply_up_and_it_finishes(streaming_reply: Page):
     page = streaming_reply
     expect(page.locator("#stop-button")).to_be_enabled()  # the reply is still being written
+    # the page moves its address to the new conversation on its next 250 ms tick, which a fast
+    # reply's first words may beat
+    poll(page, "() => new URL(location.href).searchParams.has('c')", timeout=5,
+         message="no conversation in the address while its reply runs")
     url = page.url
-    assert address_id(page), "no conversation in the address while its reply runs"
+    assert address_id(page)
     seen = len(reply_text(bot_messages(page).last))
 
     page.reload()
