@@ -9,7 +9,6 @@ deleted, neither serves the photo any more.
 from __future__ import annotations
 
 import re
-
 import secrets
 from contextlib import closing
 from pathlib import Path
