@@ -6,7 +6,7 @@
 This project's VM drifts by 10-30% within minutes, so a benchmark that measures ours and then
 llama.cpp cannot tell a 5% gap from the drift. Here each round reads a photo-shaped prompt of 771
 positions with the engine's ``LlamaCppContext`` as the engine does (one batch of embeddings in its
-flash-attention photo reader, on the ``--reader`` weights: the text's rows of the token table
+reader, on the ``--reader`` weights: the text's rows of the token table
 around the 729 image features), then runs ``llama-bench -p 771 -n 0 -r 1`` at its default
 (flash attention auto) on the ``--precision`` GGUF file, and on the 16-bit one auto reads photos
 on here for reference (BF16 where the CPU has native bf16, else F16). Then ours decodes 32 tokens
@@ -34,7 +34,7 @@ from bench.memory import read_bandwidth
 from mipha_core.checkpoint import read_checkpoint_config
 from mipha_core.generation import GenerationParams, TokenSampler
 from mipha_core.gguf_export import GGUF_PRECISIONS, language_model_gguf
-from mipha_core.llama_cpp_runtime import BULK_READ_POSITIONS, LlamaCppContext, physical_cores
+from mipha_core.llama_cpp_runtime import LlamaCppContext, physical_cores
 from mipha_core.precision import photo_reader_weights
 
 IMAGE_POSITIONS = 729
@@ -87,7 +87,7 @@ def main() -> None:
     tool = str(existing_llama_cpp().tool("llama-bench"))
     threads = physical_cores()
     context = LlamaCppContext(gguf, context_length=config.context_length, threads=threads,
-                              bulk_positions=0 if args.reader == "none" else BULK_READ_POSITIONS,
+                              bulk_positions=0 if args.reader == "none" else None,
                               reader_path=ggufs.get(args.reader))
     features = torch.randn(IMAGE_POSITIONS, context.hidden_size, generator=torch.Generator().manual_seed(0)) * 0.02
     ours(context, features)  # the first read pages the weights in

@@ -31,7 +31,8 @@ BATCH_TOKENS = 2048
 in micro-batches of ``MICRO_BATCH_TOKENS``."""
 MICRO_BATCH_TOKENS = 512
 BULK_READ_POSITIONS = 256
-"""Reads of at least this many positions (a photo's 729) go to a second context with flash attention.
+"""Reads of at least this many positions (a photo's 729) go to a second context with flash attention,
+on the decoder's own weights.
 
 llama.cpp's CPU flash-attention kernel reads a long batch faster but decodes slowly: on a 2-core
 AVX2 EPYC (Q8_0, the bench's 771-position photo prompt, four alternating rounds) it read 21.0 tok/s
@@ -39,13 +40,20 @@ against 19.0 without, but decoded 3.1 tok/s against 4.9 and read a 20-token ques
 against 1.1. So a photo is read with it and everything else without, and the sequence moves
 between the two contexts (``llama_cpp_state``) only when the side changes, and then only the
 positions the other side lacks, through one buffer made ready at load: 0.15-0.2 s for a photo's
-729, milliseconds for a reply.
+729, milliseconds for a reply."""
+WIDE_READ_POSITIONS = 8
+"""Reads of at least this many positions go to a reader on 16-bit weights (without flash attention).
 
-The reader may also run on other weights than the decoder: a batch is bound by arithmetic, where
-llama.cpp's F16 kernels (F16C and FMA) beat its Q8_0 ones, while a decoded token is bound by
-reading the weights, where Q8_0's half size wins. On the same EPYC (llama-bench, 786 positions,
-flash attention): F16 read 28.1 tok/s against Q8_0's 18.2, and decoded 3.2 tok/s against 4.8. The
-KV cache is F16 in both, so the sequence moves between the two models as between two contexts."""
+A batch is bound by arithmetic, where llama.cpp's 16-bit kernels beat its Q8_0 and Q4_K ones, while a
+decoded token is bound by reading the weights, where the quantized files' smaller size wins. At 800
+positions deep, without flash attention, on a 2-core AVX512-BF16 EPYC (four rounds, seconds): 10
+positions took 0.40 on BF16 against 0.55-0.65 on Q8_0 and 0.50-0.64 on Q4_K_M; 23 positions 0.58-0.68
+against 0.85-1.08 and 0.78-0.96; 40 positions 0.98-1.16 against 1.43-2.03 and 1.26-1.57; below 8 the
+quantized files were as fast or faster (1 position: 0.15-0.29 on Q8_0, 0.26-0.67 on BF16). So a
+follow-up question, not only a photo, is read on the 16-bit weights. Without flash attention the
+16-bit kernels read the photo as fast (llama-bench, 771 positions, the same EPYC: BF16 42.0 tok/s
+against 42.7 with it, F16 28.1 against 28.9), and the two contexts keep V alike, so a move is a
+plain copy."""
 
 
 PREPARED_MOVE_POSITIONS = 1024
@@ -86,18 +94,20 @@ class LlamaCppContext:
     """A GGUF model with one sequence of up to ``context_length`` positions, on ``threads`` CPU threads.
 
     Two llama.cpp contexts hold the sequence's KV cache: a decoder without flash attention, and a
-    reader with it for reads of ``bulk_positions`` or more (see ``BULK_READ_POSITIONS``; 0 turns the
-    reader off), on the weights in ``reader_path`` where given (the same model in another number
-    format, e.g. F16 beside a Q8_0 decoder). One of them holds the sequence; the other holds a
-    prefix of it, and gets the rest only when a read needs that side. Snapshots are always in the
-    decoder's layout.
+    reader for reads of ``bulk_positions`` or more (0 turns the reader off). The reader runs on the
+    weights in ``reader_path`` where given (the same model in another number format, e.g. BF16
+    beside a Q8_0 decoder), without flash attention, for reads of ``WIDE_READ_POSITIONS`` or more
+    unless told otherwise; or on the decoder's own weights, with flash attention, for reads of
+    ``BULK_READ_POSITIONS`` or more. One of them holds the sequence; the other holds a prefix of
+    it, and gets the rest only when a read needs that side. Snapshots are always in the decoder's
+    layout.
 
     Not thread-safe: one reply at a time uses it (``LlamaCppEngine`` holds a lock); only
     ``abort`` may be called from another thread.
     """
 
     def __init__(self, path: Path, *, context_length: int, threads: int,
-                 bulk_positions: int = BULK_READ_POSITIONS, reader_path: Path | None = None) -> None:
+                 bulk_positions: int | None = None, reader_path: Path | None = None) -> None:
         import llama_cpp
 
         self._api = llama_cpp
@@ -108,11 +118,16 @@ class LlamaCppContext:
         self._models: list[ctypes.c_void_p] = []
         self._contexts: list[ctypes.c_void_p] = []
         self._model = self._load_model(path)
-        reader_model = self._model
-        if bulk_positions and reader_path is not None and reader_path != path:
-            reader_model = self._load_model(reader_path)
+        same_weights = reader_path is None or reader_path == path
+        self._reader_flash_attention = same_weights
+        """A reader on the decoder's own weights wins only with flash attention, and keeps V transposed
+        the other way (``llama_cpp_state``); one on 16-bit weights wins without it."""
+        if bulk_positions is None:
+            bulk_positions = BULK_READ_POSITIONS if same_weights else WIDE_READ_POSITIONS
+        reader_model = self._load_model(reader_path) if bulk_positions and not same_weights else self._model
         self._decoder = self._new_context(self._model, context_length, threads, flash_attention=False)
-        self._reader = (self._new_context(reader_model, context_length, threads, flash_attention=True)
+        self._reader = (self._new_context(reader_model, context_length, threads,
+                                          flash_attention=self._reader_flash_attention)
                         if bulk_positions else None)
         self.bulk_positions = bulk_positions
         self._holder = self._decoder
@@ -258,7 +273,7 @@ class LlamaCppContext:
 
     def _move_to(self, context) -> None:
         """Make ``context`` hold the sequence: cut back what it holds beyond the shared prefix, then
-        copy over only the positions it lacks (their V layout flipped).
+        copy over only the positions it lacks (their V layout flipped where the two keep it differently).
 
         After a photo that is the whole photo prompt; after a reply, only the reply's positions, so
         a question read on the other side costs milliseconds to move, not a quarter of a second."""
@@ -269,7 +284,8 @@ class LlamaCppContext:
         if shared < length:
             state = self._suffix_state(self._holder, shared)
             try:
-                flip_value_layout(state)
+                if self._reader_flash_attention:
+                    flip_value_layout(state)
             except StateLayoutError:
                 logger.warning("llama.cpp's state layout is not the one expected: reading everything without "
                                "flash attention from now on", exc_info=True)
@@ -302,8 +318,8 @@ class LlamaCppContext:
         (measured on a 2-core EPYC); a reused one is written in 0.04 s."""
         if len(self._move_buffer) < size:
             self._move_buffer = np.empty(0, dtype=np.uint8)
-            self._move_buffer = np.zeros(size, dtype=np.uint8)
-            self._move_buffer.fill(0)  # np.zeros maps untouched pages: touch them now, not in the first move
+            self._move_buffer = np.empty(size, dtype=np.uint8)
+            self._move_buffer.fill(0)  # fresh pages are mapped on first touch: touch them now, not in the first move
         return self._move_buffer[:size]
 
     def _state_bytes_per_position(self) -> int:

@@ -23,7 +23,6 @@ from mipha_core.fitting import PromptFitter
 from mipha_core.gguf_export import GGUF_PRECISIONS, language_model_gguf
 from mipha_core.llama_cpp_engine import LlamaCppEngine
 from mipha_core.llama_cpp_runtime import (
-    BULK_READ_POSITIONS,
     LlamaCppContext,
     llama_cpp_available,
     physical_cores,
@@ -123,7 +122,7 @@ def _load_llama_cpp_engine(folder: Path, checkpoint: MiphaCheckpointConfig, *, t
         raise ModelLoadError(f"the vision weights in {folder} could not be loaded ({error}): "
                              "download the model again") from error
     context = LlamaCppContext(gguf, context_length=checkpoint.context_length, threads=physical_cores(),
-                              bulk_positions=BULK_READ_POSITIONS if precision.photo_reader else 0,
+                              bulk_positions=None if precision.photo_reader else 0,
                               reader_path=reader_gguf)
     return LlamaCppEngine(
         context=context,

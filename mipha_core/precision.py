@@ -81,11 +81,11 @@ class Precision:
     quantization: Literal["8bit", "4bit"] | None = None
     """For the torch runtime: bitsandbytes or torch's packed kernels."""
     photo_reader: str | None = None
-    """For llama.cpp: the weights a second context reads photos on, with flash attention: a 16-bit
-    copy of the weights (``photo_reader_weights``: 1.2-1.7x faster than int8 or int4 on a CPU) or
-    ``weights`` itself (~7% faster); None reads them in the decoder
-    (``llama_cpp_runtime.BULK_READ_POSITIONS``). Given up, the 16-bit copy first, before the
-    weights' precision is."""
+    """For llama.cpp: the weights a second context reads prompts on. A 16-bit copy of the weights
+    (``photo_reader_weights``) reads photos 1.2-1.7x faster than int8 or int4 on a CPU, and questions
+    of 8 positions or more too (``llama_cpp_runtime.WIDE_READ_POSITIONS``); ``weights`` itself reads
+    only photos, with flash attention, ~7-15% faster (``BULK_READ_POSITIONS``); None reads everything
+    in the decoder. Given up, the 16-bit copy first, before the weights' precision is."""
 
     @property
     def reader_weights(self) -> str | None:
@@ -98,7 +98,7 @@ class Precision:
         device = {"cpu": "CPU", "cuda": "CUDA", "mps": "Apple GPU"}.get(self.device.type, self.device.type)
         if self.runtime != "llama.cpp":
             return f"{self.weights} · {device}"
-        reader = f", photos read in {self.reader_weights}" if self.reader_weights else ""
+        reader = f", prompts read in {self.reader_weights}" if self.reader_weights else ""
         return f"{self.weights} · {device} (llama.cpp{reader})"
 
     def resident_bytes(self, size: ModelSize) -> int:

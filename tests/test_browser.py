@@ -131,7 +131,7 @@ def test_the_ready_page_says_which_model_runs_and_in_what_precision(app_server, 
         page = support.open_app(context, app_server)
         line = page.locator("#model-runs-on .runs-on")
         reader = photo_reader_weights()
-        expect(line).to_have_text(f"Model: tiny demo model · int8 · CPU (llama.cpp, photos read in {reader})",
+        expect(line).to_have_text(f"Model: tiny demo model · int8 · CPU (llama.cpp, prompts read in {reader})",
                                   timeout=120_000)
         expect(page.locator("#model-status")).to_be_hidden()  # the loading banner is gone
         support.assert_on_screen(page, "#model-runs-on .runs-on")

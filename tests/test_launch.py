@@ -154,7 +154,7 @@ def test_start_up_says_what_runs_where_in_plain_lines_without_library_noise(tmp_
         f"  Data:       {(tmp_path / 'data').resolve()}",
         f"  Open:       {app.url}",
     ]
-    assert re.search(r"loading tiny as int[84] · CPU \(llama\.cpp(, photos read in (fp16|bf16))?\)", output)  # what the loader chose
+    assert re.search(r"loading tiny as int[84] · CPU \(llama\.cpp(, prompts read in (fp16|bf16))?\)", output)  # what the loader chose
     assert "setup plugin" not in output and "INFO alembic" not in output  # its warnings would still show
     assert "share=True" not in output and "Running on local URL" not in output
 

@@ -13,7 +13,7 @@ import torch
 from mipha_core.checkpoint import read_checkpoint_config
 from mipha_core.errors import MiphaError
 from mipha_core.gguf_export import GGUF_PRECISIONS, language_model_gguf
-from mipha_core.llama_cpp_runtime import DecodeAbortedError, LlamaCppContext
+from mipha_core.llama_cpp_runtime import WIDE_READ_POSITIONS, DecodeAbortedError, LlamaCppContext
 from mipha_core.llama_cpp_state import StateLayoutError, flip_value_layout, values_transposed
 from mipha_core.tiny import write_tiny_checkpoint
 
@@ -223,7 +223,7 @@ def test_a_photo_read_on_16_bit_weights_is_decoded_on_int8_as_if_handed_over_by_
     with the KV cache that read left."""
     reader_gguf = {"fp16": gguf, "bf16": bf16_gguf}[reader]
     mixed = LlamaCppContext(int8_gguf, context_length=2048, threads=1, reader_path=reader_gguf)
-    alone = LlamaCppContext(reader_gguf, context_length=2048, threads=1)
+    alone = LlamaCppContext(reader_gguf, context_length=2048, threads=1, bulk_positions=0)
     int8 = LlamaCppContext(int8_gguf, context_length=2048, threads=1, bulk_positions=0)
     try:
         rows = photo_rows(mixed, seed=7)
@@ -237,6 +237,41 @@ def test_a_photo_read_on_16_bit_weights_is_decoded_on_int8_as_if_handed_over_by_
         assert mixed.length == int8.length
     finally:
         for context in (mixed, alone, int8):
+            context.close()
+
+
+def test_a_follow_up_question_is_read_on_the_16_bit_weights_and_a_short_one_on_int8(gguf, int8_gguf, monkeypatch):
+    """Eight positions or more are arithmetic-bound, so a question after a reply is read where a photo
+    is; a shorter read stays on the int8 decoder. Each side gets only what it lacks, as is."""
+    mixed = LlamaCppContext(int8_gguf, context_length=2048, threads=1, reader_path=gguf)
+    fp16 = LlamaCppContext(gguf, context_length=2048, threads=1, bulk_positions=0)
+    int8 = LlamaCppContext(int8_gguf, context_length=2048, threads=1, bulk_positions=0)
+    moved = []
+    suffix_state = mixed._suffix_state
+
+    def recording(context, start):
+        state = suffix_state(context, start)
+        moved.append(int(state[12:16].view(np.uint32)[0]))
+        return state
+
+    monkeypatch.setattr(mixed, "_suffix_state", recording)
+    try:
+        mixed.read([list(range(5, 20)), photo_rows(mixed, seed=8), list(range(30, 40))], logits_for_last=True)
+        greedy_reply(mixed)
+        assert fp16.restore(mixed.snapshot())
+        question = list(range(50, 50 + WIDE_READ_POSITIONS))
+        for context in (mixed, fp16):
+            context.read_tokens(question, logits_for_last=True)
+        assert torch.equal(mixed.last_logits(), fp16.last_logits())
+        assert int8.restore(fp16.snapshot())
+        short = list(range(70, 70 + WIDE_READ_POSITIONS - 1))
+        for context in (mixed, int8):
+            context.read_tokens(short, logits_for_last=True)
+        assert torch.equal(mixed.last_logits(), int8.last_logits())
+        assert greedy_reply(mixed, tokens=4) == greedy_reply(int8, tokens=4)
+        assert moved == [15 + PHOTO_POSITIONS + 10, 8, len(question)]  # the photo prompt, the reply, the question
+    finally:
+        for context in (mixed, fp16, int8):
             context.close()
 
 

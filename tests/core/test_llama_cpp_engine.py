@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mipha_core import CacheKey, devices, load_engine, loading
+from mipha_core import CacheKey, devices, llama_cpp_runtime, load_engine
 from mipha_core.checkpoint import read_checkpoint_config
 from mipha_core.gguf_export import GGUF_PRECISIONS, language_model_gguf, read_gguf_metadata
 from mipha_core.llama_cpp_engine import LlamaCppEngine
@@ -84,7 +84,7 @@ def test_the_engine_greedy_reply_matches_pytorch(engine, llama_engines, photo):
 def test_auto_on_a_cpu_takes_llama_cpp_int8_and_explicit_flags_win(tiny_checkpoint, gguf_dir):
     roomy = load_engine(str(tiny_checkpoint), device="cpu", data_dir=gguf_dir, free_bytes=64 * 1024**3)
     assert isinstance(roomy, LlamaCppEngine)
-    assert roomy.label.endswith(f"int8 · CPU (llama.cpp, photos read in {photo_reader_weights()})")
+    assert roomy.label.endswith(f"int8 · CPU (llama.cpp, prompts read in {photo_reader_weights()})")
     explicit = load_engine(str(tiny_checkpoint), device="cpu", dtype="float32", data_dir=gguf_dir)
     assert not isinstance(explicit, LlamaCppEngine)
     assert explicit.label.endswith("fp32 · CPU")
@@ -113,7 +113,7 @@ def test_the_page_says_when_photos_are_read_on_other_weights(monkeypatch, native
     monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: native_bf16)
     roomy, tight = (choose_precision(device="cpu", dtype="auto", quantization=None, runtime="auto", size=MIPHA_3B,
                                      llama_cpp_problem=None, free_bytes=gb * 1024**3) for gb in (64, 12))
-    assert roomy.label == f"int8 · CPU (llama.cpp, photos read in {reader})"
+    assert roomy.label == f"int8 · CPU (llama.cpp, prompts read in {reader})"
     assert tight.label == "int8 · CPU (llama.cpp)"
 
 
@@ -125,7 +125,7 @@ def test_photos_read_on_16_bit_weights_keep_that_file_beside_the_int8_one(tiny_c
     try:
         files = sorted(path.name.rsplit("-", 1)[-1] for path in (tmp_path / "gguf").iterdir())
         assert files == sorted([f"{reader_file}.gguf", "Q8_0.gguf"])
-        assert engine.label.endswith(f"photos read in {reader})")
+        assert engine.label.endswith(f"prompts read in {reader})")
     finally:
         engine.close()
 
@@ -294,8 +294,9 @@ def test_stop_ends_the_photo_encoding_between_layers(llama_engines, photo):
 
 def test_after_a_finished_reply_the_next_turns_opening_is_read_ahead(tiny_checkpoint, gguf_dir, photo, monkeypatch):
     # everything read on the int8 weights: a fresh read would otherwise read the earlier reply on the
-    # photo reader's 16-bit weights, which the conversation decoded on int8
-    monkeypatch.setattr(loading, "BULK_READ_POSITIONS", 0)
+    # reader's 16-bit weights, which the conversation decoded on int8
+    monkeypatch.setattr(llama_cpp_runtime, "WIDE_READ_POSITIONS", 0)
+    monkeypatch.setattr(llama_cpp_runtime, "BULK_READ_POSITIONS", 0)
     engine = load_engine(str(tiny_checkpoint), device="cpu", quantization="8bit", runtime="llama.cpp",
                          data_dir=gguf_dir)
     ordinary = list(engine.suppressed_ids)
