@@ -112,6 +112,7 @@ class LlamaCppContext:
 
         self._api = llama_cpp
         _route_logs_once()
+        _warn_of_openmp_once()
         llama_cpp.llama_backend_init()
         self._lock = threading.Lock()
         self._abort_flag = ctypes.create_string_buffer(2)
@@ -422,6 +423,22 @@ def _flag_reader():
     library = ctypes.util.find_library("c") or ("msvcrt" if os.name == "nt" else None)
     strlen = ctypes.CDLL(library).strlen
     return ctypes.cast(strlen, llama_cpp.ggml_abort_callback)
+
+
+@cache
+def _warn_of_openmp_once() -> None:
+    """Say so where llama-cpp-python was built with OpenMP (a plain ``pip install`` builds it so).
+
+    ggml then waits at each of its hundreds of barriers per token in libgomp, which PyTorch shares.
+    Once two of our threads have run OpenMP work (a reply's and the draft reader's), libgomp counts
+    more threads than cores and sleeps in every barrier instead of spinning: on a 2-core EPYC a
+    reply's thread decoded 4.2-4.9 tok/s where the main thread decoded 5.2-6.1, and 6.5-7.0 on
+    either without OpenMP. ``scripts/install-llama-cpp.sh`` builds it without."""
+    import llama_cpp
+
+    if b"OPENMP = 1" in llama_cpp.llama_print_system_info():
+        logger.warning("llama-cpp-python was built with OpenMP, which decodes up to a fifth slower here: "
+                       "run `make run` to rebuild it without (scripts/install-llama-cpp.sh)")
 
 
 @cache
