@@ -49,8 +49,11 @@ decoded token is bound by reading the weights, where the quantized files' smalle
 positions deep, without flash attention, on a 2-core AVX512-BF16 EPYC (four rounds, seconds): 10
 positions took 0.40 on BF16 against 0.55-0.65 on Q8_0 and 0.50-0.64 on Q4_K_M; 23 positions 0.58-0.68
 against 0.85-1.08 and 0.78-0.96; 40 positions 0.98-1.16 against 1.43-2.03 and 1.26-1.57; below 8 the
-quantized files were as fast or faster (1 position: 0.15-0.29 on Q8_0, 0.26-0.67 on BF16). So a
-follow-up question, not only a photo, is read on the 16-bit weights. Without flash attention the
+quantized files were as fast or faster (1 position: 0.15-0.29 on Q8_0, 0.26-0.67 on BF16). On a
+2-core AVX2 EPYC (an earlier session, F16 since it has no native bf16): 14 positions 0.83-0.86
+against 0.88-1.01 on Q8_0, 23 positions 1.10-1.43 against 1.52-1.56, 1 position 0.37 against 0.27,
+so the crossing is near there too. So a follow-up question, not only a photo, is read on the 16-bit
+weights. Without flash attention the
 16-bit kernels read the photo as fast (llama-bench, 771 positions, the same EPYC: BF16 42.0 tok/s
 against 42.7 with it, F16 28.1 against 28.9), and the two contexts keep V alike, so a move is a
 plain copy."""
