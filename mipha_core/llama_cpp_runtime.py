@@ -53,10 +53,9 @@ quantized files were as fast or faster (1 position: 0.15-0.29 on Q8_0, 0.26-0.67
 2-core AVX2 EPYC (an earlier session, F16 since it has no native bf16): 14 positions 0.83-0.86
 against 0.88-1.01 on Q8_0, 23 positions 1.10-1.43 against 1.52-1.56, 1 position 0.37 against 0.27,
 so the crossing is near there too. So a follow-up question, not only a photo, is read on the 16-bit
-weights. Without flash attention the
-16-bit kernels read the photo as fast (llama-bench, 771 positions, the same EPYC: BF16 42.0 tok/s
-against 42.7 with it, F16 28.1 against 28.9), and the two contexts keep V alike, so a move is a
-plain copy."""
+weights. Without flash attention the 16-bit kernels read the photo as fast (llama-bench, 771
+positions, the AVX512-BF16 EPYC: BF16 42.0 tok/s against 42.7 with it, F16 28.1 against 28.9), and
+the two contexts keep V alike, so a move is a plain copy."""
 
 
 PREPARED_MOVE_POSITIONS = 1024
