@@ -56,6 +56,20 @@ def greedy_reply(context: LlamaCppContext, tokens: int = 8) -> list[int]:
     return reply
 
 
+def record_moves(context: LlamaCppContext, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The number of positions in each move between ``context``'s two sides, as they happen."""
+    moved: list[int] = []
+    suffix_state = context._suffix_state
+
+    def recording(side, start):
+        state = suffix_state(side, start)
+        moved.append(int(state[12:16].view(np.uint32)[0]))
+        return state
+
+    monkeypatch.setattr(context, "_suffix_state", recording)
+    return moved
+
+
 def assert_same_logits(got: torch.Tensor, expected: torch.Tensor) -> None:
     real = expected > -1000  # the tiny vocabulary's padding ids are pinned far below
     assert int(got.argmax()) == int(expected.argmax())
@@ -128,15 +142,7 @@ def test_only_the_positions_the_other_side_lacks_move(contexts, monkeypatch):
     """Each side keeps what it read: after a reply only the reply's positions go to the reader, and
     after the reader's long read only that read comes back, with the same logits as one context."""
     bulk, single = contexts
-    moved = []
-    suffix_state = bulk._suffix_state
-
-    def recording(context, start):
-        state = suffix_state(context, start)
-        moved.append(int(state[12:16].view(np.uint32)[0]))
-        return state
-
-    monkeypatch.setattr(bulk, "_suffix_state", recording)
+    moved = record_moves(bulk, monkeypatch)
     for context in contexts:
         read_photo_prompt(context, photo_rows(context, seed=3))
     assert greedy_reply(bulk) == greedy_reply(single)
@@ -247,15 +253,7 @@ def test_a_follow_up_question_is_read_on_the_16_bit_weights_and_a_short_one_on_i
     mixed = LlamaCppContext(int8_gguf, context_length=2048, threads=1, reader_path=gguf)
     fp16 = LlamaCppContext(gguf, context_length=2048, threads=1, bulk_positions=0)
     int8 = LlamaCppContext(int8_gguf, context_length=2048, threads=1, bulk_positions=0)
-    moved = []
-    suffix_state = mixed._suffix_state
-
-    def recording(context, start):
-        state = suffix_state(context, start)
-        moved.append(int(state[12:16].view(np.uint32)[0]))
-        return state
-
-    monkeypatch.setattr(mixed, "_suffix_state", recording)
+    moved = record_moves(mixed, monkeypatch)
     try:
         mixed.read([list(range(5, 20)), photo_rows(mixed, seed=8), list(range(30, 40))], logits_for_last=True)
         greedy_reply(mixed)
