@@ -218,8 +218,11 @@ def test_a_photo_file_gone_when_the_model_must_look_again_is_a_notice(app_servic
     assert stored(h, owner, conversation)[-1].status is db.MessageStatus.ERROR
 
 
-def test_stop_keeps_the_partial_reply_and_marks_it(h, owner):
-    sent = send(h, owner, "Tell me a long story", params=(0.0, 1.0, 64))
+def test_stop_keeps_the_partial_reply_and_marks_it(app_services):
+    # 1024 tokens: seconds of work, so Stop lands mid-reply (the tiny model wrote 64 in 0.1 s)
+    h = Handlers(replace(app_services, settings=replace(app_services.settings, max_new_tokens=1024)))
+    owner = new_visitor(h)
+    sent = send(h, owner, "Tell me a long story", params=(0.0, 1.0, 1024))
     frames = h.attach(owner, sent.conversation_id, new_reply=True)
     for view in frames:  # until the first words are on the page
         if "<p>" in view.messages[-1]["content"]:
@@ -230,7 +233,7 @@ def test_stop_keeps_the_partial_reply_and_marks_it(h, owner):
     assert "stopped: partial reply" in final.messages[-1]["content"]
     answer = stored(h, owner, sent.conversation_id)[-1]
     assert answer.status is db.MessageStatus.CANCELLED and answer.finish_reason == "cancelled"
-    assert 0 < answer.completion_tokens < 64
+    assert 0 < answer.completion_tokens < 1024
 
 
 def test_a_reload_finds_the_reply_still_being_written(h, owner):
